@@ -1,0 +1,50 @@
+"""Padded tensor batches from variable-length sequences.
+
+Training uses whole sequences with a target at every position (one pass per user, not one
+per prefix), right-padded and trimmed to the longest sequence of the batch, with users
+bucketed by length so that little compute goes to padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+
+def pad_right(seqs: Sequence[np.ndarray], length: int | None = None) -> torch.Tensor:
+    """Stack int sequences into LongTensor [B, L] with zeros after each sequence."""
+    length = length or max((len(s) for s in seqs), default=1)
+    out = np.zeros((len(seqs), max(length, 1)), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s[:length]
+    return torch.from_numpy(out)
+
+
+def training_pairs(train_seqs: Sequence[np.ndarray], max_len: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Inputs s[:-1] and targets s[1:] (last ``max_len`` steps) of every sequence with >= 2 items."""
+    inputs, targets = [], []
+    for s in train_seqs:
+        if len(s) >= 2:
+            inputs.append(s[:-1][-max_len:])
+            targets.append(s[1:][-max_len:])
+    return inputs, targets
+
+
+def bucketed_batches(lengths: np.ndarray, batch_size: int, generator: torch.Generator,
+                     bucket_batches: int = 32) -> Iterator[np.ndarray]:
+    """Shuffled index batches whose members have similar lengths.
+
+    Users are shuffled, cut into windows of ``bucket_batches`` batches, sorted by length inside
+    a window, batched, and the batches shuffled again: close to random order, little padding.
+    """
+    order = torch.randperm(len(lengths), generator=generator).numpy()
+    window = batch_size * bucket_batches
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = order[start : start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    for j in torch.randperm(len(batches), generator=generator).tolist():
+        yield batches[j]

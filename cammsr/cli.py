@@ -1,0 +1,165 @@
+"""`cammsr`: the one entry point for DVC stages, Prefect tasks and people.
+
+Each command loads params.yaml once, picks the sections its stage needs and calls the stage
+function; no stage logic lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from cammsr.config import ParamsError, load_params
+from cammsr.paths import CatalogPaths
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+console = Console()
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params file")]
+CatalogOpt = Annotated[str, typer.Option("--catalog", "-c", help="catalog name from params.yaml")]
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False)], force=True)
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _load(params_path: Path):
+    try:
+        return load_params(params_path)
+    except ParamsError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2) from exc
+
+
+def _paths(params, catalog: str) -> CatalogPaths:
+    try:
+        params.catalog(catalog)
+    except KeyError as exc:
+        console.print(f"[red]{exc.args[0]}")
+        raise typer.Exit(2) from exc
+    return CatalogPaths.of(catalog, params.project.data_dir)
+
+
+@app.command()
+def ingest(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml")) -> None:
+    """Download the catalog's raw files and images; normalize to Parquet."""
+    from cammsr.ingest import run_ingest
+
+    p = _load(params_path)
+    s = run_ingest(catalog, p.catalog(catalog), p.ingest, _paths(p, catalog), root=Path.cwd())
+    console.print(s.line())
+
+
+@app.command()
+def encode(catalog: CatalogOpt, modality: Annotated[str, typer.Option(help="text or image")],
+           params_path: ParamsOpt = Path("params.yaml")) -> None:
+    """Encode item text (transformers) or images (open_clip) into the feature store."""
+    from features.encode import encode_image, encode_text
+
+    p = _load(params_path)
+    paths = _paths(p, catalog)
+    if modality == "text":
+        s = encode_text(catalog, p.features.text, paths, device=p.project.device)
+    elif modality == "image":
+        s = encode_image(catalog, p.features.image, paths, device=p.project.device,
+                         max_image_pixels=p.ingest.max_image_pixels)
+    else:
+        raise typer.BadParameter(f"--modality must be text or image, not {modality!r}")
+    console.print(s.line())
+
+
+@app.command()
+def split(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml")) -> None:
+    """k-core filter, item/category index, chronological leave-one-out."""
+    from cammsr.splits import run_split
+
+    p = _load(params_path)
+    console.print(run_split(catalog, p.splits, _paths(p, catalog)).line())
+
+
+@app.command()
+def train(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml"),
+          resume: Annotated[bool, typer.Option(help="continue from models/last.pt")] = False,
+          deterministic: Annotated[bool, typer.Option(help="torch deterministic algorithms")] = False) -> None:
+    """Train CAMMSR (or SASRec, train.model) with early stopping on validation NDCG@10."""
+    from cammsr.train import run_train
+
+    p = _load(params_path)
+    s = run_train(catalog, p.train, p.splits, p.evaluate, p.project, _paths(p, catalog), resume=resume,
+                  deterministic=deterministic)
+    console.print(s.line())
+
+
+@app.command()
+def evaluate(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml")) -> None:
+    """Full-ranking HR/NDCG/MRR of the best checkpoint beside most-popular."""
+    from cammsr.evaluate import run_evaluate
+    from cammsr.report import metrics_table
+
+    p = _load(params_path)
+    paths = _paths(p, catalog)
+    console.print(run_evaluate(catalog, p.splits, p.evaluate, p.project, paths).line())
+    console.print(metrics_table(catalog, paths.metrics))
+
+
+@app.command()
+def report(catalog: Annotated[list[str] | None, typer.Option("--catalog", "-c")] = None,
+           params_path: ParamsOpt = Path("params.yaml")) -> None:
+    """Print the metrics table of each catalog (default: all catalogs with metrics)."""
+    from cammsr.report import metrics_table
+
+    p = _load(params_path)
+    names = catalog or list(p.catalogs)
+    shown = 0
+    for name in names:
+        path = _paths(p, name).metrics
+        if path.exists():
+            console.print(metrics_table(name, path))
+            shown += 1
+        else:
+            console.print(f"[yellow]{name}: no metrics yet ({path}); run `dvc repro evaluate@{name}`")
+    if p.features.image.pretrained is None:
+        console.print("[yellow]Note: image features come from a RANDOM-weight CLIP "
+                      f"({p.features.image.model}, pretrained: null) - set features.image.pretrained for real runs.")
+    if not shown:
+        raise typer.Exit(1)
+
+
+@app.command("demo-source")
+def demo_source(out: Annotated[Path, typer.Option(help="output folder")] = Path("data/sources/demo"),
+                params_path: ParamsOpt = Path("params.yaml")) -> None:
+    """Generate the bundled demo catalog (Amazon 2018 format, planted signal and defects)."""
+    from demo.generate import generate_demo
+
+    p = _load(params_path)
+    s = generate_demo(out, p.demo)
+    console.print(s.line())
+
+
+@app.command()
+def demo(params_path: ParamsOpt = Path("params.yaml")) -> None:
+    """Run the whole DAG on the demo catalog with `dvc repro`, then print its metrics table."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    rc = subprocess.call([sys.executable, "-m", "dvc", "repro"], env=env)
+    if rc:
+        raise typer.Exit(rc)
+    report(catalog=None, params_path=params_path)
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,272 @@
+"""CAMMSR, top to bottom: item representations -> CAMoE -> swap views -> encoder -> loss.
+
+"CAMMSR: Category-Guided Attentive Mixture of Experts for Multimodal Sequential Recommendation"
+(Xu et al., ICDE 2026). What the paper states and what is inferred: shared/design/PAPER.md.
+SASRec is this model with switches: ID only, no CAMoE, no swap-CL, LayerNorm (`ModelConfig.sasrec`).
+
+Shapes: B users, L positions (right-padded, item 0 = padding), N items (+1 padding row),
+U unique items in a batch, M active modalities, K experts, C categories, d hidden size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cammsr.model.dyt import make_norm
+from cammsr.model.losses import info_nce
+
+MODALITIES = ("id", "text", "image")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_items: int  # N, real items (indices 1..N)
+    num_categories: int  # C
+    text_dim: int = 0  # width of the frozen text features; 0 = no text store
+    image_dim: int = 0  # width of the frozen image features; 0 = no image store
+    hidden_size: int = 64  # d; SASRec/RecBole default
+    num_layers: int = 2
+    num_heads: int = 2
+    ffn_size: int = 256
+    dropout: float = 0.5  # hidden and attention (RecBole SASRec / HM4SR)
+    max_seq_len: int = 50
+    use_id: bool = True
+    use_text: bool = True
+    use_image: bool = True
+    num_experts: int = 4  # K; 0 switches CAMoE off (SASRec)
+    category_guidance: bool = True  # False: fixed equal modality weights (ablation)
+    weight_mode: str = "confidence"  # "confidence": softmax_m log p_m(true category); "learned": MLP
+    lambda_cat: float = 0.1
+    swap_cl: bool = True
+    swap_prob: float = 0.5
+    lambda_cl: float = 0.1
+    cl_temperature: float = 0.2
+    norm: str = "dyt"  # "dyt" | "layernorm"
+    dyt_scope: str = "input"  # "input": only the input norm; "all": every norm in the blocks too
+    dyt_alpha_init: float = 0.5
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """Modalities that are switched on and have features."""
+        on = {"id": self.use_id, "text": self.use_text and self.text_dim > 0,
+              "image": self.use_image and self.image_dim > 0}
+        active = tuple(m for m in MODALITIES if on[m])
+        if not active:
+            raise ValueError("no modality is active: switch on use_id or provide text/image features")
+        return active
+
+    def sasrec(self) -> ModelConfig:
+        """The SASRec baseline: ID only, no CAMoE, no swap-CL, LayerNorm everywhere."""
+        return replace(self, use_text=False, use_image=False, num_experts=0, category_guidance=False,
+                       swap_cl=False, norm="layernorm")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Block(nn.Module):
+    """Post-norm Transformer layer as in SASRec/RecBole: x = norm(x + drop(f(x)))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d, block_norm = cfg.hidden_size, cfg.norm if cfg.dyt_scope == "all" else "layernorm"
+        self.heads, self.attn_dropout = cfg.num_heads, cfg.dropout
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.norm1 = make_norm(block_norm, d, cfg.dyt_alpha_init)
+        self.ff = nn.Sequential(nn.Linear(d, cfg.ffn_size), nn.GELU(), nn.Linear(cfg.ffn_size, d))
+        self.norm2 = make_norm(block_norm, d, cfg.dyt_alpha_init)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [S, L, d]
+        S, L, d = x.shape
+        q, k, v = self.qkv(x).view(S, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [S, h, L, d/h]
+        # Right padding + a causal mask: a real position never sees a later one, nor padding.
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        a = a.transpose(1, 2).reshape(S, L, d)  # [S, L, d]
+        x = self.norm1(x + self.drop(self.proj(a)))
+        return self.norm2(x + self.drop(self.ff(x)))
+
+
+class CAMMSR(nn.Module):
+    """The whole model. ``text_features``/``image_features``: [N+1, D] frozen (row 0 = padding),
+    ``*_present``: [N+1] bool, ``item_category``: [N+1] long (row 0 = -1)."""
+
+    def __init__(self, cfg: ModelConfig, item_category: torch.Tensor,
+                 text_features: torch.Tensor | None = None, text_present: torch.Tensor | None = None,
+                 image_features: torch.Tensor | None = None, image_present: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.cfg, d, n = cfg, cfg.hidden_size, cfg.num_items + 1
+        self.mods = cfg.modalities
+        M = len(self.mods)
+        self.register_buffer("item_category", item_category.long().clone())  # [N+1], saved (may be noised)
+
+        # 1. Item representation initialisation (STATED): ID embedding; frozen text/image -> Linear.
+        if "id" in self.mods:
+            self.id_emb = nn.Embedding(n, d, padding_idx=0)
+        for m, feats, present in (("text", text_features, text_present), ("image", image_features, image_present)):
+            if m in self.mods:
+                assert feats is not None and present is not None, f"{m} is active but has no features"
+                self.register_buffer(f"{m}_feats", feats.float(), persistent=False)  # [N+1, D_m]
+                self.register_buffer(f"{m}_present", present.bool(), persistent=False)  # [N+1]
+                setattr(self, f"{m}_proj", nn.Linear(feats.shape[1], d))
+                # A learned vector stands in where an item lacks this modality.
+                setattr(self, f"{m}_missing", nn.Parameter(torch.zeros(d)))
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, d)  # one position table, added to each modality
+
+        # 2. CAMoE (STATED): K shared experts, one attentive gate per modality; category heads -> w_m.
+        self.use_moe = cfg.num_experts > 0
+        if self.use_moe:
+            K = cfg.num_experts
+            self.experts = nn.ModuleList(nn.Linear(M * d, M * d) for _ in range(K))  # INFERRED (HM4SR)
+            self.gates = nn.ModuleDict({m: nn.Linear(d, K) for m in self.mods})
+            if cfg.category_guidance:
+                self.cat_proj = nn.ModuleDict({m: nn.Linear(d, d) for m in self.mods})
+                self.cat_head = nn.Linear(d, cfg.num_categories)  # category predictor shared by modalities
+                if cfg.weight_mode == "learned":
+                    self.weight_mlp = nn.Linear(M * cfg.num_categories, M)
+
+        # 4. User interest learning (STATED): per modality DyT -> Dropout -> Transformer (shared weights).
+        self.input_norm = nn.ModuleDict({m: make_norm(cfg.norm, d, cfg.dyt_alpha_init) for m in self.mods})
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)  # N(0, 0.02) as in SASRec/RecBole
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # ---- item representations -------------------------------------------------------------
+    def item_table(self, m: str, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """e_m for items ``idx`` (LongTensor [...]), or for all N+1 items: [..., d]."""
+        if m == "id":
+            return self.id_emb.weight if idx is None else self.id_emb(idx)
+        feats, present = getattr(self, f"{m}_feats"), getattr(self, f"{m}_present")
+        if idx is not None:
+            feats, present = feats[idx], present[idx]
+        e = getattr(self, f"{m}_proj")(feats)  # [..., d]
+        return torch.where(present[..., None], e, getattr(self, f"{m}_missing"))
+
+    def modality_weights(self, e: dict[str, torch.Tensor], items: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-item modality weights w [U, M] and the category logits [M, U, C] (None without guidance)."""
+        M = len(self.mods)
+        if not self.cfg.category_guidance:
+            return e[self.mods[0]].new_full((len(items), M), 1.0 / M), None
+        logits = torch.stack([self.cat_head(self.cat_proj[m](e[m])) for m in self.mods])  # [M, U, C]
+        if self.cfg.weight_mode == "learned":
+            w = self.weight_mlp(logits.softmax(-1).permute(1, 0, 2).flatten(1)).softmax(-1)  # [U, M]
+        else:  # "confidence": how sure each modality's head is of the item's true category
+            cat = self.item_category[items].clamp(min=0)  # [U]
+            logp = logits.log_softmax(-1).gather(2, cat[None, :, None].expand(M, -1, 1)).squeeze(2)  # [M, U]
+            w = logp.T.softmax(-1)  # [U, M]
+        return w, logits
+
+    def camoe(self, items: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """Refined ē_m = e_m + w_m * ê_m for unique items ``items`` [U]; returns (ē, w [U, M], logits)."""
+        e = {m: self.item_table(m, items) for m in self.mods}  # each [U, d]
+        if not self.use_moe:
+            return e, e[self.mods[0]].new_ones((len(items), 1)), None
+        d = self.cfg.hidden_size
+        x = torch.cat([e[m] for m in self.mods], dim=-1)  # [U, M*d]
+        expert_out = torch.stack([f(x) for f in self.experts], dim=1)  # [U, K, M*d]
+        w, logits = self.modality_weights(e, items)  # [U, M], [M, U, C]
+        refined = {}
+        for j, m in enumerate(self.mods):
+            gate = self.gates[m](e[m]).softmax(-1)  # [U, K] attentive gate over the shared experts
+            e_hat = (gate[:, :, None] * expert_out[:, :, j * d:(j + 1) * d]).sum(1)  # [U, d]
+            refined[m] = e[m] + w[:, j:j + 1] * e_hat
+        return refined, w, logits
+
+    # ---- sequence encoder ------------------------------------------------------------------
+    def encode(self, seqs: torch.Tensor, norms: list[str]) -> torch.Tensor:
+        """Stacked sequences [S, B, L, d] (one per entry of ``norms``) -> outputs [S, B, L, d]."""
+        S, B, L, d = seqs.shape
+        x = seqs + self.pos_emb.weight[:L]  # one learned position embedding added to each sequence
+        x = torch.stack([self.input_norm[n](x[i]) for i, n in enumerate(norms)])  # DyT (or LayerNorm)
+        x = self.drop(x).view(S * B, L, d)  # all modalities and views in one pass: shared weights
+        for block in self.blocks:
+            x = block(x)
+        return x.view(S, B, L, d)
+
+    def forward(self, seq: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """seq: LongTensor [B, L] right-padded item indices -> per-modality outputs and auxiliaries."""
+        items, inverse = torch.unique(seq, return_inverse=True)  # [U], [B, L]
+        refined, w, cat_logits = self.camoe(items)
+        views = [refined[m][inverse] for m in self.mods]  # M x [B, L, d]
+        norms = list(self.mods)
+        do_swap = self.training and self.cfg.swap_cl and {"text", "image"} <= set(self.mods)
+        if do_swap:
+            # 3. Modality-swap (STATED): exchange text/image items at random non-padding positions.
+            t, v = refined["text"][inverse], refined["image"][inverse]  # [B, L, d]
+            swap = (torch.rand(seq.shape, device=seq.device) < self.cfg.swap_prob) & (seq > 0)  # [B, L]
+            views += [torch.where(swap[..., None], v, t), torch.where(swap[..., None], t, v)]
+            norms += ["text", "image"]
+        z = self.encode(torch.stack(views), norms)  # [S, B, L, d]
+        M = len(self.mods)
+        return {"z": z[:M], "swap_views": z[M:] if do_swap else None, "cat_logits": cat_logits,
+                "unique_items": items, "weights": w}
+
+    # ---- scoring and loss ------------------------------------------------------------------
+    def score_table(self) -> torch.Tensor:
+        """Item tables of all modalities side by side: [N+1, M*d] (scored against concat Z)."""
+        return torch.cat([self.item_table(m) for m in self.mods], dim=-1)
+
+    def scores(self, z: torch.Tensor) -> torch.Tensor:
+        """Sum over modalities of <Z_m, table_m>: z [M, P, d] -> scores [P, N+1] (padding at -inf)."""
+        h = z.permute(1, 0, 2).flatten(1)  # [P, M*d]
+        s = h @ self.score_table().T  # [P, N+1]
+        s[:, 0] = float("-inf")
+        return s
+
+    def loss(self, seq: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """Next-item CE at every position with a target + lambda_cat * L_cat + lambda_cl * L_MSCL.
+
+        seq, targets: LongTensor [B, L]; targets[b, t] is the item after seq[b, :t+1], 0 = none.
+        """
+        out = self.forward(seq)
+        pos = targets > 0  # [B, L]
+        z = out["z"][:, pos]  # [M, P, d]
+        loss_rec = F.cross_entropy(self.scores(z), targets[pos])
+        parts = {"rec": loss_rec.detach()}
+        loss = loss_rec
+        if out["cat_logits"] is not None and self.cfg.lambda_cat > 0:
+            items = out["unique_items"]
+            real = items > 0
+            logits = out["cat_logits"][:, real]  # [M, U', C]
+            cat = self.item_category[items[real]].clamp(min=0)  # [U']
+            loss_cat = F.cross_entropy(logits.flatten(0, 1), cat.repeat(len(self.mods)))
+            loss = loss + self.cfg.lambda_cat * loss_cat
+            parts["cat"] = loss_cat.detach()
+        if out["swap_views"] is not None and self.cfg.lambda_cl > 0:
+            last = pos.long().cumsum(1).argmax(1)  # [B] last position with a target
+            rows = torch.arange(len(seq), device=seq.device)
+            a, b = out["swap_views"][0, rows, last], out["swap_views"][1, rows, last]  # [B, d] each
+            t = targets[rows, last]
+            loss_cl = info_nce(a, b, self.cfg.cl_temperature, same_target=t[:, None] == t[None, :])
+            loss = loss + self.cfg.lambda_cl * loss_cl
+            parts["cl"] = loss_cl.detach()
+        return loss, {k: float(v) for k, v in parts.items()}
+
+    @torch.no_grad()
+    def score_last(self, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Scores of every item after each user's last position: seq [B, L], lengths [B] -> [B, N+1]."""
+        z = self.forward(seq)["z"]  # [M, B, L, d]
+        rows = torch.arange(len(seq), device=seq.device)
+        return self.scores(z[:, rows, lengths - 1])
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def dyt_alphas(model: CAMMSR) -> list[float]:
+    """Current DyT alphas (for logging): how saturated each norm has become."""
+    return [float(mod.alpha) for mod in model.modules() if hasattr(mod, "alpha") and mod.alpha.ndim == 0]

@@ -1,0 +1,34 @@
+"""A tiny catalog with a planted sequential signal, already ingested (interactions + items)."""
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from cammsr.paths import CatalogPaths
+
+
+def write_tiny_catalog(root: Path, n_users: int = 120, n_items: int = 40, length: int = 8, seed: int = 0
+                       ) -> CatalogPaths:
+    """Users walk item i -> i+1 (mod n_items) with a random start: a model that reads the last item wins."""
+    rng = np.random.default_rng(seed)
+    users, items, times = [], [], []
+    for u in range(n_users):
+        start = rng.integers(n_items)
+        for t in range(length):
+            users.append(f"u{u:04d}")
+            items.append(f"i{(start + t) % n_items:03d}")
+            times.append(86400 * (t + 1))
+    paths = CatalogPaths.of("tiny", root / "data")
+    paths.root.mkdir(parents=True, exist_ok=True)
+    pl.DataFrame({"user_id": users, "item_id": items, "timestamp": times,
+                  "rating": [5.0] * len(users)}).write_parquet(paths.interactions)
+    ids = [f"i{i:03d}" for i in range(n_items)]
+    pl.DataFrame({"item_id": ids, "category": [f"c{i % 4}" for i in range(n_items)]}).write_parquet(paths.items)
+    return paths
+
+
+@pytest.fixture
+def tiny_catalog(tmp_path) -> CatalogPaths:
+    return write_tiny_catalog(tmp_path)

@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from cammsr.model import CAMMSR, ModelConfig
+from cammsr.model.dyt import DyT, make_norm
+
+N, C, DT, DI = 30, 3, 12, 10
+
+
+def make_model(**overrides) -> CAMMSR:
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_items=N, num_categories=C, text_dim=DT, image_dim=DI, hidden_size=16, num_layers=2,
+                      num_heads=2, ffn_size=32, dropout=0.0, max_seq_len=8, **overrides)
+    cats = torch.cat([torch.tensor([-1]), torch.arange(N) % C])
+    text_present = torch.ones(N + 1, dtype=torch.bool)
+    text_present[[0, 5]] = False  # item 5 has no text
+    image_present = torch.ones(N + 1, dtype=torch.bool)
+    image_present[[0, 7]] = False
+    return CAMMSR(cfg, cats, torch.randn(N + 1, DT), text_present, torch.randn(N + 1, DI), image_present)
+
+
+def test_dyt_is_gamma_tanh_alpha_x_plus_beta_and_learns_alpha():
+    dyt = DyT(4, alpha_init=0.5)
+    with torch.no_grad():
+        dyt.gamma.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        dyt.beta.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    x = torch.randn(3, 4)
+    assert torch.allclose(dyt(x), dyt.gamma * torch.tanh(0.5 * x) + dyt.beta)
+    dyt(x).sum().backward()
+    assert dyt.alpha.grad is not None and dyt.alpha.grad.abs() > 0
+    ln = make_norm("layernorm", 4)
+    assert ln(x).shape == dyt(x).shape == x.shape
+
+
+def test_missing_modality_uses_the_learned_vector():
+    model = make_model()
+    with torch.no_grad():
+        model.text_missing.fill_(3.0)
+    e = model.item_table("text", torch.tensor([4, 5]))
+    assert torch.equal(e[1], torch.full((16,), 3.0))
+    assert not torch.equal(e[0], e[1])
+
+
+def test_modality_weights_sum_to_one():
+    model = make_model()
+    _, w, logits = model.camoe(torch.arange(1, N + 1))
+    assert w.shape == (N, 3) and logits.shape == (3, N, C)
+    assert torch.allclose(w.sum(-1), torch.ones(N), atol=1e-6)
+    learned = make_model(weight_mode="learned")
+    _, w2, _ = learned.camoe(torch.arange(1, N + 1))
+    assert torch.allclose(w2.sum(-1), torch.ones(N), atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["confidence", "learned"])
+def test_category_loss_reaches_and_moves_the_modality_weights(mode):
+    model = make_model(weight_mode=mode)
+    items = torch.arange(1, N + 1)
+    _, w0, logits = model.camoe(items)
+    cat = model.item_category[items]
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), cat.repeat(3))
+    loss.backward()
+    assert model.cat_head.weight.grad.abs().sum() > 0
+    assert all(model.cat_proj[m].weight.grad.abs().sum() > 0 for m in model.mods)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)  # the trainer uses AdamW
+    for _ in range(20):  # train on the category loss alone
+        opt.zero_grad()
+        _, _, logits = model.camoe(items)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), cat.repeat(3)).backward()
+        opt.step()
+    _, w1, _ = model.camoe(items)
+    assert (w1 - w0).abs().max() > 1e-3
+
+
+def test_causal_no_future_leakage():
+    model = make_model().eval()
+    seq = torch.tensor([[3, 9, 4, 11, 2, 0]])
+    later = seq.clone()
+    later[0, 3:5] = torch.tensor([20, 21])
+    z1, z2 = model(seq)["z"], model(later)["z"]
+    assert torch.allclose(z1[:, :, :3], z2[:, :, :3], atol=1e-6)
+    assert not torch.allclose(z1[:, :, 3], z2[:, :, 3])
+
+
+def test_eval_scores_are_finite_with_padding():
+    model = make_model().eval()
+    seq = torch.tensor([[1, 2, 3, 0, 0], [4, 0, 0, 0, 0]])
+    s = model.score_last(seq, torch.tensor([3, 1]))
+    assert s.shape == (2, N + 1)
+    assert torch.isfinite(s[:, 1:]).all() and torch.isinf(s[:, 0]).all()
+
+
+def test_loss_parts_and_backward():
+    model = make_model(swap_prob=0.5).train()
+    seq = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
+    tgt = torch.tensor([[2, 3, 4, 5], [6, 7, 0, 0]])
+    loss, parts = model.loss(seq, tgt)
+    assert set(parts) == {"rec", "cat", "cl"}
+    loss.backward()
+    assert model.experts[0].weight.grad is not None
+
+
+@pytest.mark.parametrize("overrides, mods", [
+    ({}, ("id", "text", "image")),
+    ({"use_id": False}, ("text", "image")),
+    ({"use_text": False, "use_image": False}, ("id",)),
+    ({"category_guidance": False, "swap_cl": False, "norm": "layernorm"}, ("id", "text", "image")),
+    ({"dyt_scope": "all"}, ("id", "text", "image")),
+])
+def test_variants_train_a_step(overrides, mods):
+    model = make_model(**overrides).train()
+    assert model.mods == mods
+    seq = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
+    loss, _ = model.loss(seq, torch.tensor([[2, 3, 4, 5], [6, 7, 0, 0]]))
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_sasrec_is_the_same_model_with_switches():
+    cfg = make_model().cfg.sasrec()
+    model = CAMMSR(cfg, torch.zeros(N + 1, dtype=torch.long))
+    assert model.mods == ("id",) and not model.use_moe
+    assert isinstance(model.input_norm["id"], torch.nn.LayerNorm)
