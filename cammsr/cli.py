@@ -58,7 +58,7 @@ def ingest(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml")) ->
 
     p = _load(params_path)
     s = run_ingest(catalog, p.catalog(catalog), p.ingest, _paths(p, catalog), root=Path.cwd())
-    console.print(s.line())
+    del s  # the stage logs its own summary line
 
 
 @app.command()
@@ -76,7 +76,7 @@ def encode(catalog: CatalogOpt, modality: Annotated[str, typer.Option(help="text
                          max_image_pixels=p.ingest.max_image_pixels)
     else:
         raise typer.BadParameter(f"--modality must be text or image, not {modality!r}")
-    console.print(s.line())
+    del s  # the stage logs its own summary line
 
 
 @app.command()
@@ -98,7 +98,7 @@ def train(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml"),
     p = _load(params_path)
     s = run_train(catalog, p.train, p.splits, p.evaluate, p.project, _paths(p, catalog), resume=resume,
                   deterministic=deterministic)
-    console.print(s.line())
+    del s  # the stage logs its own summary line
 
 
 @app.command()
@@ -144,7 +144,7 @@ def demo_source(out: Annotated[Path, typer.Option(help="output folder")] = Path(
 
     p = _load(params_path)
     s = generate_demo(out, p.demo)
-    console.print(s.line())
+    del s  # the stage logs its own summary line
 
 
 @app.command()

@@ -100,8 +100,8 @@ def run_evaluate(name: str, split_params: SplitParams, params: EvaluateParams, p
             if part == "test":
                 test_ranks[ranker] = ranks
     _, test_targets, _ = split.held_out("test", split_params.max_seq_len)
-    metrics = {**results, "model_name": ckpt.get("model_name", "?"), "users": len(test_targets), "items": split.num_items,
-               "best_epoch": int(ckpt.get("epoch", -1)), "mask_history": params.mask_history}
+    metrics = {**results, "model_name": ckpt.get("model_name", "?"), "users": len(test_targets),
+               "items": split.num_items, "best_epoch": int(ckpt.get("epoch", -1)), "mask_history": params.mask_history}
     write_json_atomic(paths.metrics, metrics)
 
     paths.eval_dir.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,10 @@ def run_evaluate(name: str, split_params: SplitParams, params: EvaluateParams, p
         with atomic_path(paths.eval_dir / "modality_weights.csv", suffix=".csv") as tmp:
             weights.write_csv(tmp)
         plot_weights(weights, paths.eval_dir / "modality_weights.png")
-        notes.append("mean modality weights per category:\n" + str(weights))
+        cols = [c for c in weights.columns if c.startswith("w_")]
+        per_cat = [f"{row['category']}: " + " ".join(f"{c[2:]} {row[c]:.2f}" for c in cols)
+                   for row in weights.iter_rows(named=True)]
+        notes.append("mean modality weights per category: " + "; ".join(per_cat))
     m, p = results["model"]["test"], results["popularity"]["test"]
     summary = StageSummary(
         stage="evaluate", catalog=name,

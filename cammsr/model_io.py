@@ -53,8 +53,7 @@ def noisy_categories(item_category: np.ndarray, fraction: float, num_categories:
 
 def padded_features(path: Path, item_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Features [N+1, D] and presence [N+1] aligned to item_idx (row 0 = padding, absent)."""
-    feats, present = load_features(path, item_ids) if path.exists() else (
-        np.zeros((len(item_ids), 0), np.float32), np.zeros(len(item_ids), bool))
+    feats, present = load_features(path, item_ids)  # a missing store gives width 0, all absent
     feats = np.concatenate([np.zeros((1, feats.shape[1]), np.float32), feats.astype(np.float32)])
     present = np.concatenate([[False], present])
     return torch.from_numpy(feats), torch.from_numpy(present)

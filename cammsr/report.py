@@ -10,25 +10,31 @@ from rich.table import Table
 METRIC_ORDER = ("hr", "ndcg", "mrr")
 
 
+def _ordered_keys(part_metrics: dict) -> list[str]:
+    return sorted(part_metrics, key=lambda k: (METRIC_ORDER.index(k.split("@")[0]), int(k.split("@")[1])))
+
+
 def metrics_table(catalog: str, metrics_path: Path, part: str = "test") -> Table:
-    """A rich table with one row per ranker (model, popularity) and HR/NDCG/MRR @k columns."""
+    """A rich table, one row per metric (HR/NDCG/MRR @k), the model beside most-popular and the lift."""
     metrics = json.loads(Path(metrics_path).read_text())
     model_name = metrics.get("model_name", "model")
-    keys = sorted(metrics["model"][part], key=lambda k: (METRIC_ORDER.index(k.split("@")[0]), int(k.split("@")[1])))
-    table = Table(title=f"{catalog}: {part} ({metrics['users']} users, {metrics['items']} items, full ranking, "
-                        f"history {'masked' if metrics.get('mask_history') else 'not masked'})")
-    table.add_column("ranker")
-    for k in keys:
-        table.add_column(k.upper().replace("@", "@"), justify="right")
-    for ranker, label in (("model", model_name), ("popularity", "most-popular")):
-        table.add_row(label, *[f"{metrics[ranker][part][k]:.4f}" for k in keys])
+    table = Table(title=f"{catalog}: {part}, {metrics['users']} users x {metrics['items']} items, full ranking, "
+                        f"history {'masked' if metrics.get('mask_history') else 'not masked'}")
+    table.add_column("metric")
+    table.add_column(model_name, justify="right")
+    table.add_column("most-popular", justify="right")
+    table.add_column("lift", justify="right")
+    for k in _ordered_keys(metrics["model"][part]):
+        m, p = metrics["model"][part][k], metrics["popularity"][part][k]
+        lift = f"{m / p:.2f}x" if p > 0 else "-"
+        table.add_row(k.upper(), f"{m:.4f}", f"{p:.4f}", lift)
     return table
 
 
 def markdown_table(catalog: str, metrics_path: Path, part: str = "test") -> str:
     """The same table as markdown (for Prefect artifacts and reports)."""
     metrics = json.loads(Path(metrics_path).read_text())
-    keys = list(metrics["model"][part])
+    keys = _ordered_keys(metrics["model"][part])
     lines = [f"| {catalog} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for ranker, label in (("model", metrics.get("model_name", "model")), ("popularity", "most-popular")):
         lines.append(f"| {label} | " + " | ".join(f"{metrics[ranker][part][k]:.4f}" for k in keys) + " |")

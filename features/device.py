@@ -1,0 +1,47 @@
+"""Which torch device the encoders run on (``project.device`` in params.yaml)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(pref: str) -> torch.device:
+    """Resolve ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` to a torch device.
+
+    ``auto`` picks CUDA when torch sees a GPU, else the CPU. Asking for CUDA on a machine
+    without one is an error rather than a silent CPU run.
+    """
+    pref = pref.strip().lower()
+    if pref == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    elif pref == "cpu":
+        device = torch.device("cpu")
+    elif pref == "cuda" or pref.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device {pref!r} requested (project.device) but torch {torch.__version__} sees no CUDA "
+                "device; use 'auto' or 'cpu'"
+            )
+        device = torch.device(pref)
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"device {pref!r} requested but only {torch.cuda.device_count()} GPU(s) visible"
+            )
+    else:
+        raise ValueError(f"device {pref!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    log.info("encoding on %s", device)
+    return device
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    """Mixed precision on CUDA for ``float16``/``bfloat16``; a no-op on the CPU (always float32)."""
+    if device.type != "cuda" or dtype not in _DTYPES:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type="cuda", dtype=_DTYPES[dtype])

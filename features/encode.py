@@ -1,0 +1,217 @@
+"""The features stages: ``encode_text`` and ``encode_image`` (called by the CLI, DVC and Prefect).
+
+Each reads the ingest outputs of one catalog, upserts its Parquet feature store (see
+`features.store`) and returns a `StageSummary` that it also writes to
+``summaries/encode_{text,image}.json``. Models load lazily: a rerun with nothing to encode
+never touches them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import torch
+
+from cammsr.config import ImageFeatureParams, TextFeatureParams
+from cammsr.paths import CatalogPaths
+from cammsr.summary import StageSummary
+from features.device import pick_device
+from features.image import RANDOM_INIT_SEED, ImageEncoder, ImageJob
+from features.store import DEFAULT_CHUNK_SIZE, EncodedChunk, UpsertReport, upsert
+from features.text import TEMPLATE_FIELDS, TextEncoder, TextTemplate, package_version
+
+log = logging.getLogger(__name__)
+
+MAX_FAILURE_NOTES = 20  # failures listed one per line in the summary; the rest are counted
+
+
+def read_columns(path: Path, columns: Sequence[str]) -> dict[str, list[Any]]:
+    """Columns of a Parquet file as Python lists; errors name the file and missing columns."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found (run `cammsr ingest` for this catalog first)")
+    names = pq.read_schema(path).names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing} (found {names})")
+    table = pq.read_table(path, columns=list(columns))
+    return {c: table.column(c).to_pylist() for c in columns}
+
+
+def _check_unique(item_ids: Sequence[str], path: Path) -> None:
+    if len(set(item_ids)) != len(item_ids):
+        dupes = [item for item, n in Counter(item_ids).items() if n > 1]
+        raise ValueError(f"{path}: item_id must be unique, found {len(dupes)} repeated (e.g. {dupes[:3]})")
+
+
+class _Lazy:
+    """Build an encoder on first use, so a run with nothing to encode loads no model."""
+
+    def __init__(self, build: Callable[[], Any]):
+        self._build, self._value = build, None
+
+    def __call__(self) -> Any:
+        if self._value is None:
+            self._value = self._build()
+        return self._value
+
+
+def _version(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _summary(
+    stage: str, name: str, report: UpsertReport, started: float, extra: dict[str, Any]
+) -> StageSummary:
+    counts: dict[str, Any] = {
+        "encoded": report.encoded,
+        "reused": report.reused,
+        "resumed": report.resumed,
+        "removed": report.removed,
+        "failed": len(report.failures),
+        **extra,
+        "total": report.total,
+        "dim": report.dim,
+        "items_per_s": round(report.items_per_s, 1),
+    }
+    notes: list[str] = []
+    if report.rebuilt:
+        notes.append("model identity changed: the store was rebuilt from scratch")
+    if report.failures:
+        kinds = Counter(reason.split(":")[0] for reason in report.failures.values())
+        notes.append("failed: " + ", ".join(f"{n} {kind}" for kind, n in kinds.most_common()))
+        notes += [f"{item}: {reason}" for item, reason in list(report.failures.items())[:MAX_FAILURE_NOTES]]
+        if len(report.failures) > MAX_FAILURE_NOTES:
+            notes.append(f"... and {len(report.failures) - MAX_FAILURE_NOTES} more failures")
+    return StageSummary(stage, name, counts, time.perf_counter() - started, notes)
+
+
+def encode_text(
+    name: str,
+    params: TextFeatureParams,
+    paths: CatalogPaths,
+    device: str = "auto",
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> StageSummary:
+    """Upsert ``paths.text_features`` with one embedding per item of ``paths.items``."""
+    started = time.perf_counter()
+    template = TextTemplate(params.template)
+    cols = read_columns(paths.items, ["item_id", *TEMPLATE_FIELDS])
+    item_ids = cols["item_id"]
+    texts = [template.render({f: cols[f][i] for f in cols if f != "item_id"}) for i in range(len(item_ids))]
+    _check_unique(item_ids, paths.items)
+    torch_device = pick_device(device)  # a bad device is an error even when nothing needs encoding
+    encoder = _Lazy(lambda: TextEncoder(params, torch_device))
+
+    def encode(positions: Sequence[int], progress: Callable[[int], None]) -> EncodedChunk:
+        return EncodedChunk(list(positions), encoder().encode([texts[p] for p in positions], progress))
+
+    identity = {
+        "modality": "text",
+        "model": params.model,
+        "model_version": package_version(params.model),
+        "revision": params.revision,
+        "pooling": params.pooling,
+        "max_length": params.max_length,
+        "template": params.template,
+    }
+    info = {
+        "dtype": params.dtype,
+        "torch_version": torch.__version__,
+        "transformers_version": _version("transformers"),
+    }
+    report = upsert(
+        paths.text_features,
+        item_ids,
+        [_sha256(t) for t in texts],
+        identity,
+        encode,
+        info=info,
+        empty_dim=lambda: encoder().dim,
+        warm_up=encoder,
+        chunk_size=chunk_size,
+        desc=f"encode text [{name}]",
+    )
+    summary = _summary("encode_text", name, report, started, {"empty_text": sum(not t for t in texts)})
+    summary.write(paths.summary("encode_text"))
+    return summary
+
+
+def encode_image(
+    name: str,
+    params: ImageFeatureParams,
+    paths: CatalogPaths,
+    device: str = "auto",
+    max_image_pixels: int = 40_000_000,
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> StageSummary:
+    """Upsert ``paths.image_features`` with one embedding per item that has a usable image.
+
+    Items whose ingest status is not ``ok`` are counted as ``no_image`` and get no row; images
+    listed ``ok`` that cannot be read, verified or decoded here are ``failed`` (reasons in notes).
+    """
+    started = time.perf_counter()
+    item_ids = read_columns(paths.items, ["item_id"])["item_id"]
+    _check_unique(item_ids, paths.items)
+    table = read_columns(paths.images_table, ["item_id", "path", "sha256", "status"])
+    image_of = {
+        item: (path, sha)
+        for item, path, sha, status in zip(
+            table["item_id"], table["path"], table["sha256"], table["status"], strict=True
+        )
+        if status == "ok" and path and sha
+    }
+    wanted = [item for item in item_ids if item in image_of]
+    jobs = [
+        ImageJob(pos, paths.root / image_of[item][0], image_of[item][1]) for pos, item in enumerate(wanted)
+    ]
+    torch_device = pick_device(device)
+    encoder = _Lazy(lambda: ImageEncoder(params, torch_device, max_image_pixels))
+
+    def encode(positions: Sequence[int], progress: Callable[[int], None]) -> EncodedChunk:
+        done, emb, failures = encoder().encode([jobs[p] for p in positions], progress)
+        return EncodedChunk(done, emb, failures)
+
+    identity = {
+        "modality": "image",
+        "model": params.model,
+        "pretrained": params.pretrained,
+        "random_init_seed": None if params.pretrained else RANDOM_INIT_SEED,
+        "pooling": "encode_image (not normalized)",
+    }
+    info = {
+        "dtype": params.dtype,
+        "torch_version": torch.__version__,
+        "open_clip_version": _version("open_clip_torch"),
+    }
+    report = upsert(
+        paths.image_features,
+        wanted,
+        [image_of[item][1] for item in wanted],
+        identity,
+        encode,
+        info=info,
+        empty_dim=lambda: encoder().dim,
+        warm_up=encoder,
+        chunk_size=chunk_size,
+        desc=f"encode images [{name}]",
+    )
+    summary = _summary("encode_image", name, report, started, {"no_image": len(item_ids) - len(wanted)})
+    summary.write(paths.summary("encode_image"))
+    return summary

@@ -1,0 +1,176 @@
+"""Frozen image encoder (CLIP via open_clip): item image -> one vector per item.
+
+Images are read, checked against the sha256 that ingest recorded, and decoded in a torch
+DataLoader (``num_workers`` from params) under a pixel limit against decompression bombs.
+An image that cannot be read, does not match its hash, is too large or does not decode is a
+recorded failure, never a crash: it gets no row, so the reader's mask says "absent".
+
+Embeddings are ``model.encode_image(x)`` as is, NOT L2-normalised: the recommender puts a
+learned Linear on top, which is free to use the norm, and anyone who wants cosine
+similarity can normalise at read time (the reverse is not possible).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import logging
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from cammsr.config import ImageFeatureParams
+from features.device import autocast
+from features.text import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+RANDOM_INIT_SEED = 0  # random-weight models are seeded so reruns (and upserts) stay comparable
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image to encode: its position in the wanted list, file and expected sha256."""
+
+    pos: int
+    path: Path
+    sha256: str
+
+
+@dataclass
+class Decoded:
+    """A decoded image (pixels [3, H, W]) or the reason it could not be."""
+
+    pos: int
+    pixels: torch.Tensor | None = None
+    error: str | None = None
+
+
+def decode_image(job: ImageJob, transform: Callable, max_pixels: int) -> Decoded:
+    """Read, verify and preprocess one image; failures come back as ``Decoded.error``.
+
+    Reasons read ``"<kind>: <file>: <detail>"`` so the summary can count them by kind.
+    """
+    try:
+        data = job.path.read_bytes()
+    except FileNotFoundError:
+        return Decoded(job.pos, error=f"file not found: {job.path}")
+    except OSError as exc:
+        return Decoded(job.pos, error=f"cannot read: {job.path}: {exc}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != job.sha256:
+        detail = f"images.parquet has {job.sha256[:12]}, the file {digest[:12]}"
+        return Decoded(job.pos, error=f"sha256 mismatch: {job.path}: {detail}")
+    try:
+        with warnings.catch_warnings():
+            # PIL warns between 1x and 2x MAX_IMAGE_PIXELS; the exact check below replaces the warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:  # reads the header only
+                width, height = im.size
+                if width * height > max_pixels:
+                    detail = f"{width}x{height} > max_image_pixels={max_pixels}"
+                    return Decoded(job.pos, error=f"too many pixels: {job.path}: {detail}")
+                rgb = im.convert("RGB")  # decodes
+        return Decoded(job.pos, pixels=transform(rgb))
+    except Image.DecompressionBombError as exc:
+        return Decoded(job.pos, error=f"too many pixels: {job.path}: {exc}")
+    except Exception as exc:  # PIL raises many types for broken files; each is a recorded failure
+        return Decoded(job.pos, error=f"cannot decode: {job.path}: {type(exc).__name__}: {exc}")
+
+
+class ImageFiles(Dataset):
+    """Map-style dataset over `ImageJob`s; items are `Decoded`."""
+
+    def __init__(self, jobs: Sequence[ImageJob], transform: Callable, max_pixels: int):
+        self.jobs, self.transform, self.max_pixels = list(jobs), transform, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, i: int) -> Decoded:
+        return decode_image(self.jobs[i], self.transform, self.max_pixels)
+
+
+def collate(batch: list[Decoded]) -> tuple[list[int], torch.Tensor | None, dict[int, str]]:
+    """-> (positions of decoded images, pixels [B, 3, H, W] or None, {position: error})."""
+    ok = [d for d in batch if d.error is None]
+    pixels = torch.stack([d.pixels for d in ok]) if ok else None
+    return [d.pos for d in ok], pixels, {d.pos: d.error for d in batch if d.error is not None}
+
+
+def _set_pixel_limit(max_pixels: int, _worker_id: int | None = None) -> None:
+    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own decompression-bomb guard, per worker process
+
+
+class ImageEncoder:
+    """open_clip model + its eval preprocess; ``encode(jobs)`` -> embeddings and failures."""
+
+    def __init__(self, params: ImageFeatureParams, device: torch.device, max_pixels: int):
+        import open_clip  # heavy import, only when encoding
+
+        self.params, self.device, self.max_pixels = params, device, max_pixels
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_INIT_SEED)
+                model, _, preprocess = open_clip.create_model_and_transforms(
+                    params.model, pretrained=params.pretrained, device="cpu"
+                )
+        except Exception as exc:  # unknown architecture, tag not downloadable offline, ...
+            raise ModelLoadError(
+                f"could not load image model {params.model!r} (pretrained={params.pretrained!r}): "
+                f"{type(exc).__name__}: {exc}. Known architectures: open_clip.list_models(); "
+                "pretrained tags need the weights downloaded first when offline"
+            ) from exc
+        if params.pretrained is None:
+            log.warning(
+                "image features for %s come from a RANDOM-weight model (features.image.pretrained "
+                "is null, seed %d): fine for the offline demo, meaningless for real catalogs",
+                params.model,
+                RANDOM_INIT_SEED,
+            )
+        self.model = model.to(device).eval()
+        self.preprocess = preprocess
+        size = model.visual.image_size
+        size = size if isinstance(size, tuple | list) else (size, size)
+        with torch.inference_mode():
+            self.dim = int(self.model.encode_image(torch.zeros(1, 3, *size, device=device)).shape[-1])
+        log.info("image model %s (pretrained=%s) loaded (d=%d)", params.model, params.pretrained, self.dim)
+
+    def encode(
+        self, jobs: Sequence[ImageJob], progress: Callable[[int], None] | None = None
+    ) -> tuple[list[int], np.ndarray, dict[int, str]]:
+        """-> (positions encoded, float32 [len(positions), d], {position: failure reason})."""
+        loader = DataLoader(
+            ImageFiles(jobs, self.preprocess, self.max_pixels),
+            batch_size=self.params.batch_size,
+            num_workers=self.params.num_workers,
+            collate_fn=collate,
+            worker_init_fn=functools.partial(_set_pixel_limit, self.max_pixels),
+            pin_memory=self.device.type == "cuda",
+        )
+        positions: list[int] = []
+        chunks: list[np.ndarray] = []
+        failures: dict[int, str] = {}
+        previous_limit = Image.MAX_IMAGE_PIXELS
+        _set_pixel_limit(self.max_pixels)  # decoding happens here when num_workers == 0
+        try:
+            with torch.inference_mode(), autocast(self.device, self.params.dtype):
+                for pos, pixels, failed in loader:
+                    failures.update(failed)
+                    if pixels is not None:
+                        x = pixels.to(self.device, non_blocking=True)  # (B, 3, H, W)
+                        chunks.append(self.model.encode_image(x).float().cpu().numpy())  # (B, d)
+                        positions.extend(pos)
+                    if progress is not None:
+                        progress(len(pos) + len(failed))
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous_limit
+        emb = np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
+        return positions, emb, failures
