@@ -77,6 +77,18 @@ class ImageFeatureParams(Section):
 class FeatureParams(Section):
     text: TextFeatureParams = TextFeatureParams()
     image: ImageFeatureParams = ImageFeatureParams()
+    runner: Literal["local", "dask"] = "local"
+    dask_address: str | None = None
+    dask_workers: int = Field(default=2, ge=1)
+    chunk_size: int = Field(default=2048, ge=1)
+
+
+class OrchestrationParams(Section):
+    refresh_cron: str = "0 3 * * *"
+    refresh_downstream: bool = False
+    task_runner: Literal["threads", "dask", "ray"] = "threads"
+    dask_address: str | None = None
+    dask_workers: int = Field(default=2, ge=1)
 
 
 class SplitParams(Section):
@@ -136,6 +148,7 @@ class Params(Section):
     splits: SplitParams = SplitParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    orchestration: OrchestrationParams = OrchestrationParams()
 
     def catalog(self, name: str) -> CatalogParams:
         """Return the catalog section for ``name`` or raise a KeyError listing the known ones."""
