@@ -150,11 +150,13 @@ def demo_source(out: Annotated[Path, typer.Option(help="output folder")] = Path(
 @app.command()
 def demo(params_path: ParamsOpt = Path("params.yaml")) -> None:
     """Run the whole DAG on the demo catalog with `dvc repro`, then print its metrics table."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           # the DVC stages call `cammsr`: make sure it is this interpreter's
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     rc = subprocess.call([sys.executable, "-m", "dvc", "repro", "evaluate@demo"], env=env)
     if rc:
         raise typer.Exit(rc)
-    report(catalog=None, params_path=params_path)
+    report(catalog=["demo"], params_path=params_path)
 
 
 def main() -> None:  # pragma: no cover
