@@ -114,6 +114,30 @@ def evaluate(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml")) 
 
 
 @app.command()
+def experiments(
+    catalog: CatalogOpt,
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1,2",
+    variant: Annotated[list[str] | None, typer.Option("--variant", help="variant name (repeatable; default all)")]
+    = None,
+    out: Annotated[Path | None, typer.Option(help="markdown report (default reports/NAME-experiments.md)")] = None,
+    epochs: Annotated[int | None, typer.Option(help="override train.epochs for every run")] = None,
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Run the paper's study (CAMMSR, SASRec, ablations, category noise) over seeds; write a markdown table."""
+    from cammsr.experiments import VARIANTS, run_experiments
+
+    p = _load(params_path)
+    paths = _paths(p, catalog)
+    if not (paths.splits_dir / "sequences.parquet").exists():
+        console.print(f"[red]{paths.splits_dir} has no split: run `dvc repro train@{catalog}` first")
+        raise typer.Exit(2)
+    text = run_experiments(catalog, p, paths, [int(s) for s in seeds.split(",")], variant or list(VARIANTS),
+                           out or Path("reports") / f"{catalog}-experiments.md",
+                           overrides={"epochs": epochs} if epochs else None)
+    console.print(text, markup=False)
+
+
+@app.command()
 def report(catalog: Annotated[list[str] | None, typer.Option("--catalog", "-c")] = None,
            params_path: ParamsOpt = Path("params.yaml")) -> None:
     """Print the metrics table of each catalog (default: all catalogs with metrics)."""

@@ -15,10 +15,19 @@ class CatalogPaths:
     """Paths of every artifact of one catalog, rooted at ``data_dir/name``."""
 
     root: Path
+    out_root: Path | None = None  # where train/evaluate write; None = root (see `for_run`)
 
     @classmethod
     def of(cls, name: str, data_dir: str | Path = "data") -> CatalogPaths:
         return cls(Path(data_dir) / name)
+
+    def for_run(self, out_root: str | Path) -> CatalogPaths:
+        """Same inputs (splits, features), but models/logs/metrics under ``out_root``: one experiment run."""
+        return CatalogPaths(self.root, Path(out_root))
+
+    @property
+    def _out(self) -> Path:
+        return self.out_root if self.out_root is not None else self.root
 
     # ingest
     @property
@@ -70,7 +79,7 @@ class CatalogPaths:
     # train / evaluate
     @property
     def models_dir(self) -> Path:
-        return self.root / "models"
+        return self._out / "models"
 
     @property
     def checkpoint(self) -> Path:
@@ -78,16 +87,16 @@ class CatalogPaths:
 
     @property
     def train_log_dir(self) -> Path:
-        return self.root / "train_log"
+        return self._out / "train_log"
 
     @property
     def metrics(self) -> Path:
-        return self.root / "metrics.json"
+        return self._out / "metrics.json"
 
     @property
     def eval_dir(self) -> Path:
-        return self.root / "eval"
+        return self._out / "eval"
 
     def summary(self, stage: str) -> Path:
         """The JSON summary a stage writes next to its outputs (rows in/out, seconds...)."""
-        return self.root / "summaries" / f"{stage}.json"
+        return self._out / "summaries" / f"{stage}.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -51,20 +52,56 @@ def validate(model: CAMMSR, split: SplitData, max_len: int, params: EvaluatePara
     return metrics_from_ranks(ranks, params.ks)
 
 
-def train_epoch(model: CAMMSR, opt: torch.optim.Optimizer, inputs: list[np.ndarray], targets: list[np.ndarray],
-                batch_size: int, gen: torch.Generator, device: torch.device, desc: str) -> dict[str, float]:
-    """One pass over every training sequence; returns the mean of each loss part."""
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_pref: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group if there is one (gloo on CPU, nccl on CUDA) and pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dist = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = pick_device(device_pref)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", dist.local_rank)
+            torch.cuda.set_device(device)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist, device
+
+
+def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, inputs: list[np.ndarray],
+                targets: list[np.ndarray], batch_size: int, gen: torch.Generator, device: torch.device, desc: str,
+                dist: Dist = Dist()) -> dict[str, float]:
+    """One pass over every training sequence; returns the mean of each loss part.
+
+    Under DDP every rank draws the same global batches and takes every world-th sequence of each;
+    the CE is normalised by the global target count so gradients match a single process.
+    """
     model.train()
     lengths = np.array([len(s) for s in inputs])
     sums: dict[str, float] = {}
     n_batches = 0
     batches = list(bucketed_batches(lengths, batch_size, gen))
-    bar = tqdm(batches, desc=desc, unit="batch", leave=False, mininterval=1.0)
-    for idx in bar:
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False, mininterval=1.0, disable=not dist.main)
+    for global_idx in bar:
+        if len(global_idx) < dist.world:  # a tail batch too small to give every rank a sequence
+            continue
+        idx = global_idx[dist.rank :: dist.world]
+        normalizer = float(lengths[global_idx].sum()) / dist.world
         seq = pad_right([inputs[i] for i in idx]).to(device, non_blocking=True)
         tgt = pad_right([targets[i] for i in idx]).to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, parts = model.loss(seq, tgt)
+            loss, parts = model(seq, tgt, normalizer)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -83,14 +120,16 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
     if train.num_threads:
         torch.set_num_threads(train.num_threads)
     seed_everything(project.seed, deterministic)
-    device = pick_device(project.device)
+    dist, device = setup_distributed(project.device)
     split = load_splits(paths.splits_dir)
     model = build_model(train, split_params, split, paths, project.seed).to(device)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay)
     gen = torch.Generator().manual_seed(project.seed)
     inputs, targets = training_pairs(split.train_sequences(), split_params.max_seq_len)
-    log.info("train[%s]: %s on %s, modalities %s, %d parameters, %d training sequences, %d items",
-             name, train.model, device, ",".join(model.mods), model.num_parameters(), len(inputs), split.num_items)
+    log.info("train[%s]: %s on %s (rank %d of %d), modalities %s, %d parameters, %d training sequences, %d items",
+             name, train.model, device, dist.rank, dist.world, ",".join(model.mods), model.num_parameters(),
+             len(inputs), split.num_items)
 
     last_path, best_path = paths.models_dir / "last.pt", paths.checkpoint
     start_epoch, best, best_epoch, bad_epochs = 0, -1.0, -1, 0
@@ -106,11 +145,11 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
         log.info("resumed from %s at epoch %d (best %s %.4f at epoch %d)", last_path, start_epoch,
                  SELECT_METRIC, best, best_epoch)
 
-    live = _live(paths, resume and start_epoch > 0)
+    live = _live(paths, resume and start_epoch > 0) if dist.main else None
     for epoch in range(start_epoch, train.epochs):
         te = time.perf_counter()
-        loss = train_epoch(model, opt, inputs, targets, train.batch_size, gen, device,
-                           desc=f"epoch {epoch}")
+        loss = train_epoch(ddp, opt, inputs, targets, train.batch_size, gen, device, desc=f"epoch {epoch}",
+                           dist=dist)
         train_s = time.perf_counter() - te
         valid = validate(model, split, split_params.max_seq_len, evaluate, device)
         res = EpochResult(epoch, loss, valid, train_s, len(inputs) / max(train_s, 1e-9))
@@ -118,7 +157,8 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
         improved = valid[SELECT_METRIC] > best
         if improved:
             best, best_epoch, bad_epochs = valid[SELECT_METRIC], epoch, 0
-            save_checkpoint(best_path, model, epoch=epoch, valid=valid, model_name=train.model)
+            if dist.main:
+                save_checkpoint(best_path, model, epoch=epoch, valid=valid, model_name=train.model)
         else:
             bad_epochs += 1
         log.info("epoch %d loss %s valid %s %.4f hr@10 %.4f (%.1f s, %.0f seq/s)%s", epoch,
@@ -131,7 +171,8 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
                 live.log_metric(f"valid/{k}", v)
             live.log_metric("train/epoch_seconds", train_s)
             live.next_step()
-        _save_last(last_path, model, opt, gen, epoch, best, best_epoch, bad_epochs)
+        if dist.main:
+            _save_last(last_path, model, opt, gen, epoch, best, best_epoch, bad_epochs)
         if bad_epochs >= train.patience:
             log.info("early stop: no better %s for %d epochs", SELECT_METRIC, train.patience)
             break
@@ -148,10 +189,14 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
                 f"best_valid_{SELECT_METRIC}": round(best, 5),
                 "epoch_seconds": round(float(np.mean(secs)), 3) if secs else None,
                 "sequences_per_s": round(float(np.mean([h.sequences_per_s for h in history])), 1) if history else None,
-                "device": str(device)},
+                "device": str(device), "world_size": dist.world},
         seconds=time.perf_counter() - t0,
     )
-    summary.write(paths.summary("train"))
+    if dist.main:
+        summary.write(paths.summary("train"))
+    if dist.world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return summary
 
 

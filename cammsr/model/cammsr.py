@@ -197,7 +197,16 @@ class CAMMSR(nn.Module):
             x = block(x)
         return x.view(S, B, L, d)
 
-    def forward(self, seq: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    def forward(self, seq: torch.Tensor, targets: torch.Tensor | None = None, normalizer: float | None = None):
+        """Outputs of ``seq`` (LongTensor [B, L], right-padded), or with ``targets`` the training loss.
+
+        Going through ``forward`` for the loss lets DistributedDataParallel hook in.
+        """
+        if targets is not None:
+            return self.loss(seq, targets, normalizer)
+        return self.encode_views(seq)
+
+    def encode_views(self, seq: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """seq: LongTensor [B, L] right-padded item indices -> per-modality outputs and auxiliaries."""
         items, inverse = torch.unique(seq, return_inverse=True)  # [U], [B, L]
         refined, w, cat_logits = self.camoe(items)
@@ -227,15 +236,19 @@ class CAMMSR(nn.Module):
         s[:, 0] = float("-inf")
         return s
 
-    def loss(self, seq: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, seq: torch.Tensor, targets: torch.Tensor, normalizer: float | None = None
+             ) -> tuple[torch.Tensor, dict[str, float]]:
         """Next-item CE at every position with a target + lambda_cat * L_cat + lambda_cl * L_MSCL.
 
         seq, targets: LongTensor [B, L]; targets[b, t] is the item after seq[b, :t+1], 0 = none.
+        normalizer: divide the summed CE by this instead of the local target count (DDP: the global
+            count / world size, so that averaged gradients equal those of one process on the whole batch).
         """
-        out = self.forward(seq)
+        out = self.encode_views(seq)
         pos = targets > 0  # [B, L]
         z = out["z"][:, pos]  # [M, P, d]
-        loss_rec = F.cross_entropy(self.scores(z), targets[pos])
+        ce = F.cross_entropy(self.scores(z), targets[pos], reduction="sum")
+        loss_rec = ce / (normalizer if normalizer is not None else max(int(pos.sum()), 1))
         parts = {"rec": loss_rec.detach()}
         loss = loss_rec
         if out["cat_logits"] is not None and self.cfg.lambda_cat > 0:
@@ -259,7 +272,7 @@ class CAMMSR(nn.Module):
     @torch.no_grad()
     def score_last(self, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Scores of every item after each user's last position: seq [B, L], lengths [B] -> [B, N+1]."""
-        z = self.forward(seq)["z"]  # [M, B, L, d]
+        z = self.encode_views(seq)["z"]  # [M, B, L, d]
         rows = torch.arange(len(seq), device=seq.device)
         return self.scores(z[:, rows, lengths - 1])
 
