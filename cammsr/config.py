@@ -43,6 +43,7 @@ class DemoParams(Section):
     n_categories: int = Field(default=6, ge=2)
     mean_length: float = Field(default=12.0, gt=3)
     image_size: int = Field(default=64, ge=16)
+    popularity_exponent: float = Field(default=2.0, ge=0)
     seed: int = 7
 
 

@@ -11,6 +11,7 @@ The same variants run as DVC experiments: ``dvc exp run -S train.swap_cl=false``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -58,10 +59,16 @@ def slug(name: str) -> str:
 
 def run_variant(name: str, variant: str, seed: int, params: Params, paths: CatalogPaths,
                 out_dir: Path, overrides: dict | None = None) -> RunResult:
-    """Train and evaluate one variant with one seed; results are cached in the run's metrics.json."""
-    run_paths = paths.for_run(out_dir / slug(variant) / f"seed{seed}")
+    """Train and evaluate one variant with one seed; results are cached in the run's metrics.json.
+
+    The run folder is keyed by a hash of everything that shapes the result (train, splits, evaluate
+    and feature params), so a changed config never reuses a stale run.
+    """
     train = params.train.model_copy(update={**VARIANTS[variant], **(overrides or {})})
     project = params.project.model_copy(update={"seed": seed})
+    key = json.dumps([train.model_dump(), params.splits.model_dump(), params.evaluate.model_dump(),
+                      params.features.model_dump(), seed], sort_keys=True, default=str)
+    run_paths = paths.for_run(out_dir / slug(variant) / f"seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
     if not run_paths.metrics.exists():
         run_train(name, train, params.splits, params.evaluate, project, run_paths)
         run_evaluate(name, params.splits, params.evaluate, project, run_paths)

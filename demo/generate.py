@@ -168,7 +168,7 @@ def _write_catalog(out: Path, params: DemoParams, image_base_url: str | None) ->
     """Generate everything into ``out`` (an empty folder); see `generate_demo`."""
     seeds = np.random.SeedSequence(params.seed).spawn(5)  # one stream per concern: edits stay local
     rng_items, rng_users, rng_text, rng_images, rng_defects = (np.random.default_rng(s) for s in seeds)
-    items = make_items(rng_items, params.n_items, params.n_categories)
+    items = make_items(rng_items, params.n_items, params.n_categories, params.popularity_exponent)
     users = make_users(rng_users, items, params.n_users, params.n_categories, params.mean_length)
     no_meta, no_image, corrupt = _pick_defect_items(rng_defects, items, users)
 

@@ -63,13 +63,14 @@ def _random_ids(rng: np.random.Generator, n: int, prefix: str, length: int) -> l
     return out
 
 
-def make_items(rng: np.random.Generator, n_items: int, n_categories: int) -> list[ItemSpec]:
-    """Items spread evenly over categories and styles, each with a Zipf-like popularity."""
+def make_items(rng: np.random.Generator, n_items: int, n_categories: int,
+               exponent: float = ZIPF_EXPONENT) -> list[ItemSpec]:
+    """Items spread evenly over categories and styles, each with a Zipf-like popularity 1 / rank**exponent."""
     n_styles = len(STYLES)
     groups = np.arange(n_items) % (n_categories * n_styles)
     rng.shuffle(groups)
     ranks = rng.permutation(n_items)
-    weights = 1.0 / (ranks + 1.0) ** ZIPF_EXPONENT
+    weights = 1.0 / (ranks + 1.0) ** exponent
     asins = _random_ids(rng, n_items, "B0", 10)
     return [
         ItemSpec(i, asins[i], int(groups[i]) // n_styles, int(groups[i]) % n_styles, float(weights[i]))
