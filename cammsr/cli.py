@@ -137,6 +137,23 @@ def experiments(
     console.print(text, markup=False)
 
 
+@app.command("export-recbole")
+def export_recbole(catalog: CatalogOpt,
+                   out: Annotated[Path | None, typer.Option(help="RecBole data_path (default data/NAME/recbole)")]
+                   = None,
+                   params_path: ParamsOpt = Path("params.yaml")) -> None:
+    """Write the catalog's split as RecBole atomic files (same users, items, order and leave-one-out targets)."""
+    from cammsr.export_recbole import run_export_recbole
+
+    p = _load(params_path)
+    try:
+        s = run_export_recbole(catalog, _paths(p, catalog), out)
+    except FileNotFoundError as exc:
+        console.print(f"[red]{exc}")
+        raise typer.Exit(2) from exc
+    console.print(s.line())
+
+
 @app.command()
 def report(catalog: Annotated[list[str] | None, typer.Option("--catalog", "-c")] = None,
            params_path: ParamsOpt = Path("params.yaml")) -> None:
@@ -181,6 +198,71 @@ def demo(params_path: ParamsOpt = Path("params.yaml")) -> None:
     if rc:
         raise typer.Exit(rc)
     report(catalog=["demo"], params_path=params_path)
+
+
+# --- orchestration commands ---
+
+
+@app.command()
+def onboard(
+    name: Annotated[str, typer.Argument(help="the new catalog's key in params.yaml")],
+    reviews: Annotated[str, typer.Option(help="reviews file: http(s):// or file: URL (plain or .gz)")],
+    meta: Annotated[str | None, typer.Option(help="item metadata file URL")] = None,
+    images: Annotated[str, typer.Option(help="yes, no, or auto (= yes when the metadata has image URLs)")] = "auto",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="check the sources, print the params diff, change nothing")]
+    = False,
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Check a new catalog's sources, add it to params.yaml, run its pipeline (Prefect flow onboard-catalog)."""
+    from cammsr.onboard import discard_plan, plan_onboarding
+    from cammsr.params_edit import ParamsEditError
+    from cammsr.report import metrics_table
+    from cammsr.source_check import SourceError
+    from flows.dag import StagesFailed
+
+    try:
+        if dry_run:
+            plan = plan_onboarding(name, reviews, meta, images, root=Path.cwd(), params_path=params_path)
+            discard_plan(plan)
+            typer.echo("\n".join(plan.lines()))
+            typer.echo(f"\ndry run: {params_path} would change as follows (nothing written):")
+            typer.echo(plan.diff())
+            typer.echo(f"then: the pipeline for {name} only (ingest -> ... -> evaluate), recorded in dvc.lock")
+            return
+        from flows.onboard import onboard_catalog
+
+        result = onboard_catalog(name=name, reviews=reviews, meta=meta, images=images, params_path=str(params_path),
+                                 root=str(Path.cwd()))
+    except (SourceError, ParamsEditError, ValueError) as exc:
+        console.print(f"[red]onboarding {name} failed, {params_path} is unchanged: {exc}")
+        raise typer.Exit(2) from exc
+    except StagesFailed as exc:
+        console.print(f"[red]{name} was added to {params_path}, but its pipeline stopped: {exc}\n"
+                      f"fix the cause, then `dvc repro evaluate@{name}` (or run the pipeline flow) finishes it")
+        raise typer.Exit(1) from exc
+    typer.echo("\n".join(result["report"]))
+    console.print(f"[bold]{name}[/]: added to {params_path}; model modalities: {result['modalities']}")
+    console.print(metrics_table(name, Path(result["metrics"])))
+
+
+@app.command()
+def serve(
+    cron: Annotated[str | None, typer.Option(help="override orchestration.refresh_cron, e.g. '* * * * *'")] = None,
+    limit: Annotated[int, typer.Option(help="flow runs at once (they share data/ and dvc.lock)")] = 1,
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Serve the refresh-features (cron), pipeline and onboard-catalog deployments from this process."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.deployments import serve_deployments
+    from flows.stages import Project
+
+    _load(params_path)  # a broken params file is an error before anything is served
+    if not PREFECT_API_URL.value():
+        console.print("[red]PREFECT_API_URL is not set: schedules need a Prefect server. Start one with "
+                      "`prefect server start` and run `prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api`")
+        raise typer.Exit(2)
+    serve_deployments(Project.at(Path.cwd(), params_path), cron=cron, limit=limit)
 
 
 def main() -> None:  # pragma: no cover

@@ -107,9 +107,9 @@ class TrainParams(Section):
     dropout: float = Field(default=0.5, ge=0, lt=1)
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
-    batch_size: int = Field(default=256, ge=1)
-    epochs: int = Field(default=30, ge=1)
-    patience: int = Field(default=5, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    epochs: int = Field(default=60, ge=1)
+    patience: int = Field(default=10, ge=1)
     use_id: bool = True
     use_text: bool = True
     use_image: bool = True
@@ -124,6 +124,7 @@ class TrainParams(Section):
     dyt_scope: Literal["input", "all"] = "input"
     dyt_alpha_init: float = 0.5
     category_noise: float = Field(default=0.0, ge=0, le=1)
+    feature_norm: Literal["none", "center_l2"] = "center_l2"
     num_threads: int = Field(default=0, ge=0, description="torch threads; 0 leaves torch's default")
 
 

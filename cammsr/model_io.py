@@ -51,9 +51,18 @@ def noisy_categories(item_category: np.ndarray, fraction: float, num_categories:
     return out
 
 
-def padded_features(path: Path, item_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [N+1, D] and presence [N+1] aligned to item_idx (row 0 = padding, absent)."""
+def padded_features(path: Path, item_ids: list[str], norm: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [N+1, D] and presence [N+1] aligned to item_idx (row 0 = padding, absent).
+
+    ``norm="center_l2"`` subtracts the mean over present items and scales each row to unit length:
+    frozen encoders differ by orders of magnitude in scale (MiniLM ~3, CLIP ~20) and share a large
+    common direction, which otherwise lets one modality dominate the sum of scores at the start.
+    """
     feats, present = load_features(path, item_ids)  # a missing store gives width 0, all absent
+    if norm == "center_l2" and present.any() and feats.shape[1]:
+        feats = feats - feats[present].mean(axis=0, keepdims=True)
+        feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-8)
+        feats[~present] = 0.0
     feats = np.concatenate([np.zeros((1, feats.shape[1]), np.float32), feats.astype(np.float32)])
     present = np.concatenate([[False], present])
     return torch.from_numpy(feats), torch.from_numpy(present)
@@ -62,8 +71,8 @@ def padded_features(path: Path, item_ids: list[str]) -> tuple[torch.Tensor, torc
 def build_model(train: TrainParams, split_params: SplitParams, split: SplitData, paths: CatalogPaths,
                 seed: int) -> CAMMSR:
     """A freshly initialised model for this split, with its frozen features attached."""
-    text, text_present = padded_features(paths.text_features, split.item_ids)
-    image, image_present = padded_features(paths.image_features, split.item_ids)
+    text, text_present = padded_features(paths.text_features, split.item_ids, train.feature_norm)
+    image, image_present = padded_features(paths.image_features, split.item_ids, train.feature_norm)
     cfg = config_from_params(train, split, split_params, text.shape[1], image.shape[1])
     cats = noisy_categories(split.item_category, train.category_noise, split.num_categories, seed)
     return CAMMSR(cfg, torch.from_numpy(cats), text, text_present, image, image_present)
@@ -80,8 +89,9 @@ def load_checkpoint(path: Path, split: SplitData, paths: CatalogPaths, map_locat
     """Rebuild the model saved at ``path`` (weights_only=True) with features re-read from the stores."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     cfg = ModelConfig(**ckpt["config"])
-    text, text_present = padded_features(paths.text_features, split.item_ids)
-    image, image_present = padded_features(paths.image_features, split.item_ids)
+    norm = ckpt.get("feature_norm", "none")
+    text, text_present = padded_features(paths.text_features, split.item_ids, norm)
+    image, image_present = padded_features(paths.image_features, split.item_ids, norm)
     if (cfg.text_dim, cfg.image_dim) != (text.shape[1], image.shape[1]):
         raise ValueError(f"{path}: trained with feature widths text={cfg.text_dim} image={cfg.image_dim}, "
                          f"stores now give text={text.shape[1]} image={image.shape[1]}: retrain")

@@ -92,7 +92,8 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, inputs: list
     sums: dict[str, float] = {}
     n_batches = 0
     batches = list(bucketed_batches(lengths, batch_size, gen))
-    bar = tqdm(batches, desc=desc, unit="batch", leave=False, mininterval=1.0, disable=not dist.main)
+    # disable=None: a bar on a terminal, none in logs (DVC, CI); per-epoch lines are logged anyway
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False, mininterval=1.0, disable=None if dist.main else True)
     for global_idx in bar:
         if len(global_idx) < dist.world:  # a tail batch too small to give every rank a sequence
             continue
@@ -158,7 +159,8 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
         if improved:
             best, best_epoch, bad_epochs = valid[SELECT_METRIC], epoch, 0
             if dist.main:
-                save_checkpoint(best_path, model, epoch=epoch, valid=valid, model_name=train.model)
+                save_checkpoint(best_path, model, epoch=epoch, valid=valid, model_name=train.model,
+                                feature_norm=train.feature_norm)
         else:
             bad_epochs += 1
         log.info("epoch %d loss %s valid %s %.4f hr@10 %.4f (%.1f s, %.0f seq/s)%s", epoch,
