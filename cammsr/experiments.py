@@ -115,6 +115,7 @@ def run_experiments(name: str, params: Params, paths: CatalogPaths, seeds: list[
             results.append(run_variant(name, variant, seed, params, paths, out_dir, overrides))
     table = comparison_table(results)
     train = params.train.model_copy(update=overrides or {})
+    extra = f" --epochs {overrides['epochs']}" if overrides and "epochs" in overrides else ""
     text = "\n".join([
         f"# {name}: CAMMSR study", "",
         f"Test metrics, full ranking over all items, leave-one-out, history "
@@ -124,7 +125,7 @@ def run_experiments(name: str, params: Params, paths: CatalogPaths, seeds: list[
         f"Text features: `{params.features.text.model}`; image features: `{params.features.image.model}` "
         f"(pretrained: {params.features.image.pretrained}"
         f"{' = RANDOM weights' if params.features.image.pretrained is None else ''}).", "",
-        f"Reproduce: `cammsr experiments --catalog {name} --seeds {','.join(map(str, seeds))}` "
+        f"Reproduce: `cammsr experiments --catalog {name} --seeds {','.join(map(str, seeds))}{extra}` "
         f"({time.perf_counter() - t0:.0f} s for the runs not already cached).", "",
         table, "",
     ])
