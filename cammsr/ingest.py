@@ -103,6 +103,7 @@ def run_ingest(
         ok, missing, failed, reused, image_bytes = 0, len(item_ids), 0, 0, 0
         notes.append("images: false in the catalog, every item's image is 'missing'")
     write_parquet_atomic(paths.images_table, images)
+    paths.images_dir.mkdir(parents=True, exist_ok=True)  # a declared DVC out, even when no image exists
 
     summary = StageSummary(
         stage="ingest",

@@ -152,16 +152,16 @@ def _file_report(result: FetchResult, kind: Kind, reader: SourceReader) -> FileR
 
 def _reader(result: FetchResult, kind: Kind, quarantine: Quarantine) -> SourceReader:
     url = result.entry.url
-    if result.entry.bytes == 0:
-        raise _fail(url, f"empty file (0 bytes): expected an Amazon {kind} file")
     try:
-        reader = SourceReader(result.path, kind, quarantine, file=url, progress=False)
+        first = next((raw for _, raw in iter_lines(result.path)), None)
+        reader = SourceReader(result.path, kind, quarantine, file=url, progress=False) if first else None
     except FormatError as exc:
         raise SourceError(str(exc)) from exc
     except (OSError, EOFError) as exc:  # a truncated or corrupt gzip stream
         raise _fail(url, f"unreadable ({exc})") from exc
+    if reader is None:
+        raise _fail(url, f"empty file ({result.entry.bytes} bytes, no records): expected an Amazon {kind} file")
     if reader.format is None:
-        first = next((raw for _, raw in iter_lines(result.path)), b"")
         raise _fail(url, f"no line is a JSON (or Python-literal) record, so this is not an Amazon {kind} "
                          f"file; it starts with {first[:80]!r}")
     return reader

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+_announced: set[str] = set()
 
 
 def pick_device(pref: str) -> torch.device:
@@ -36,7 +38,9 @@ def pick_device(pref: str) -> torch.device:
             )
     else:
         raise ValueError(f"device {pref!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
-    log.info("encoding on %s", device)
+    if str(device) not in _announced:  # once per process, not once per caller
+        _announced.add(str(device))
+        log.info("encoding on %s", device)
     return device
 
 
@@ -45,3 +49,17 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     if device.type != "cuda" or dtype not in _DTYPES:
         return contextlib.nullcontext()
     return torch.autocast(device_type="cuda", dtype=_DTYPES[dtype])
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads (None: leave the setting alone)."""
+    if n is None or n == torch.get_num_threads():
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

@@ -20,13 +20,13 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from cammsr.config import ImageFeatureParams, TextFeatureParams
+from cammsr.config import FeatureParams, ImageFeatureParams, TextFeatureParams
 from cammsr.paths import CatalogPaths
 from cammsr.summary import StageSummary
 from features.device import pick_device
-from features.image import RANDOM_INIT_SEED, ImageEncoder, ImageJob
+from features.image import RANDOM_INIT_SEED, ImageSpec
 from features.store import DEFAULT_CHUNK_SIZE, EncodedChunk, UpsertReport, upsert
-from features.text import TEMPLATE_FIELDS, TextEncoder, TextTemplate, package_version
+from features.text import TEMPLATE_FIELDS, TextSpec, TextTemplate, package_version
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _sha256(text: str) -> str:
 
 
 def _summary(
-    stage: str, name: str, report: UpsertReport, started: float, extra: dict[str, Any]
+    stage: str, name: str, report: UpsertReport, started: float, extra: dict[str, Any], where: str
 ) -> StageSummary:
     counts: dict[str, Any] = {
         "encoded": report.encoded,
@@ -88,7 +88,7 @@ def _summary(
         "dim": report.dim,
         "items_per_s": round(report.items_per_s, 1),
     }
-    notes: list[str] = []
+    notes: list[str] = [f"encoded on: {where}"]
     if report.rebuilt:
         notes.append("model identity changed: the store was rebuilt from scratch")
     if report.failures:
@@ -100,27 +100,90 @@ def _summary(
     return StageSummary(stage, name, counts, time.perf_counter() - started, notes)
 
 
+def scale_out(features: FeatureParams) -> dict[str, Any]:
+    """The ``features.*`` scale-out settings as keywords of `encode_text` / `encode_image`."""
+    return {
+        "runner": features.runner,
+        "dask_address": features.dask_address,
+        "dask_workers": features.dask_workers,
+        "chunk_size": features.chunk_size,
+    }
+
+
+def _upsert(
+    store: Path,
+    item_ids: Sequence[str],
+    shas: Sequence[str],
+    inputs: Sequence[Any],
+    spec: TextSpec | ImageSpec,
+    identity: dict[str, Any],
+    info: dict[str, str],
+    *,
+    runner: str,
+    dask_address: str | None,
+    dask_workers: int,
+    chunk_size: int,
+    desc: str,
+) -> tuple[UpsertReport, str]:
+    """`upsert` with the chunks encoded here (``local``) or on Dask workers; -> report, where it ran."""
+    if runner not in ("local", "dask"):
+        raise ValueError(f"features.runner {runner!r}: expected 'local' or 'dask'")
+    if runner == "dask":
+        from features.distributed import DaskPartsRunner, in_dask_worker
+
+        if in_dask_worker():
+            log.warning("%s: already inside a Dask worker, encoding in this process instead", desc)
+        else:
+            if dask_address is None:  # a bad device fails here, not on every worker
+                pick_device(spec.device)
+            parts_runner = DaskPartsRunner(spec, inputs, dask_address, dask_workers)
+            where = f"dask {dask_address}" if dask_address else f"dask LocalCluster x{dask_workers}"
+            report = upsert(
+                store, item_ids, shas, identity, run_parts=parts_runner, parallelism=dask_workers,
+                info=info, empty_dim=lambda: spec.build().dim, chunk_size=chunk_size, desc=desc,
+            )  # fmt: skip
+            return report, where
+    pick_device(spec.device)  # a bad device is an error even when nothing needs encoding
+    encoder = _Lazy(spec.build)
+
+    def encode(positions: Sequence[int], progress: Callable[[int], None]) -> EncodedChunk:
+        local = spec.encode(encoder(), [inputs[p] for p in positions], progress)
+        return EncodedChunk(
+            [positions[i] for i in local.positions],
+            local.embeddings,
+            {positions[i]: reason for i, reason in local.failures.items()},
+        )
+
+    report = upsert(
+        store, item_ids, shas, identity, encode, info=info, empty_dim=lambda: encoder().dim,
+        warm_up=encoder, chunk_size=chunk_size, desc=desc,
+    )  # fmt: skip
+    return report, "local"
+
+
 def encode_text(
     name: str,
     params: TextFeatureParams,
     paths: CatalogPaths,
     device: str = "auto",
     *,
+    runner: str = "local",
+    dask_address: str | None = None,
+    dask_workers: int = 2,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> StageSummary:
-    """Upsert ``paths.text_features`` with one embedding per item of ``paths.items``."""
+    """Upsert ``paths.text_features`` with one embedding per item of ``paths.items``.
+
+    ``runner``/``dask_address``/``dask_workers``/``chunk_size`` are ``features.*`` in params:
+    ``dask`` encodes on Dask workers (`features.distributed`), ``local`` in this process.
+    """
     started = time.perf_counter()
     template = TextTemplate(params.template)
     cols = read_columns(paths.items, ["item_id", *TEMPLATE_FIELDS])
     item_ids = cols["item_id"]
-    texts = [template.render({f: cols[f][i] for f in cols if f != "item_id"}) for i in range(len(item_ids))]
+    rows = zip(*(cols[f] for f in TEMPLATE_FIELDS), strict=True)
+    texts = [template.render(dict(zip(TEMPLATE_FIELDS, row, strict=True))) for row in rows]
     _check_unique(item_ids, paths.items)
-    torch_device = pick_device(device)  # a bad device is an error even when nothing needs encoding
-    encoder = _Lazy(lambda: TextEncoder(params, torch_device))
-
-    def encode(positions: Sequence[int], progress: Callable[[int], None]) -> EncodedChunk:
-        return EncodedChunk(list(positions), encoder().encode([texts[p] for p in positions], progress))
-
     identity = {
         "modality": "text",
         "model": params.model,
@@ -135,19 +198,13 @@ def encode_text(
         "torch_version": torch.__version__,
         "transformers_version": _version("transformers"),
     }
-    report = upsert(
-        paths.text_features,
-        item_ids,
-        [_sha256(t) for t in texts],
-        identity,
-        encode,
-        info=info,
-        empty_dim=lambda: encoder().dim,
-        warm_up=encoder,
-        chunk_size=chunk_size,
+    report, where = _upsert(
+        paths.text_features, item_ids, [_sha256(t) for t in texts], texts, TextSpec(params, device), identity,
+        info, runner=runner, dask_address=dask_address, dask_workers=dask_workers, chunk_size=chunk_size,
         desc=f"encode text [{name}]",
-    )
-    summary = _summary("encode_text", name, report, started, {"empty_text": sum(not t for t in texts)})
+    )  # fmt: skip
+    extra = {"empty_text": sum(not t for t in texts)}
+    summary = _summary("encode_text", name, report, started, extra, where)
     summary.write(paths.summary("encode_text"))
     return summary
 
@@ -159,12 +216,16 @@ def encode_image(
     device: str = "auto",
     max_image_pixels: int = 40_000_000,
     *,
+    runner: str = "local",
+    dask_address: str | None = None,
+    dask_workers: int = 2,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> StageSummary:
     """Upsert ``paths.image_features`` with one embedding per item that has a usable image.
 
     Items whose ingest status is not ``ok`` are counted as ``no_image`` and get no row; images
     listed ``ok`` that cannot be read, verified or decoded here are ``failed`` (reasons in notes).
+    The scale-out keywords are as for `encode_text`.
     """
     started = time.perf_counter()
     item_ids = read_columns(paths.items, ["item_id"])["item_id"]
@@ -178,16 +239,7 @@ def encode_image(
         if status == "ok" and path and sha
     }
     wanted = [item for item in item_ids if item in image_of]
-    jobs = [
-        ImageJob(pos, paths.root / image_of[item][0], image_of[item][1]) for pos, item in enumerate(wanted)
-    ]
-    torch_device = pick_device(device)
-    encoder = _Lazy(lambda: ImageEncoder(params, torch_device, max_image_pixels))
-
-    def encode(positions: Sequence[int], progress: Callable[[int], None]) -> EncodedChunk:
-        done, emb, failures = encoder().encode([jobs[p] for p in positions], progress)
-        return EncodedChunk(done, emb, failures)
-
+    inputs = [(paths.root / image_of[item][0], image_of[item][1]) for item in wanted]
     identity = {
         "modality": "image",
         "model": params.model,
@@ -200,18 +252,12 @@ def encode_image(
         "torch_version": torch.__version__,
         "open_clip_version": _version("open_clip_torch"),
     }
-    report = upsert(
-        paths.image_features,
-        wanted,
-        [image_of[item][1] for item in wanted],
-        identity,
-        encode,
-        info=info,
-        empty_dim=lambda: encoder().dim,
-        warm_up=encoder,
-        chunk_size=chunk_size,
-        desc=f"encode images [{name}]",
-    )
-    summary = _summary("encode_image", name, report, started, {"no_image": len(item_ids) - len(wanted)})
+    report, where = _upsert(
+        paths.image_features, wanted, [sha for _, sha in inputs], inputs,
+        ImageSpec(params, device, max_image_pixels), identity, info, runner=runner, dask_address=dask_address,
+        dask_workers=dask_workers, chunk_size=chunk_size, desc=f"encode images [{name}]",
+    )  # fmt: skip
+    extra = {"no_image": len(item_ids) - len(wanted)}
+    summary = _summary("encode_image", name, report, started, extra, where)
     summary.write(paths.summary("encode_image"))
     return summary

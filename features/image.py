@@ -16,6 +16,7 @@ import functools
 import hashlib
 import io
 import logging
+import multiprocessing
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from cammsr.config import ImageFeatureParams
-from features.device import autocast
+from features.device import autocast, pick_device, torch_threads
+from features.store import EncodedChunk
 from features.text import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -109,6 +111,16 @@ def _set_pixel_limit(max_pixels: int, _worker_id: int | None = None) -> None:
     Image.MAX_IMAGE_PIXELS = max_pixels  # PIL's own decompression-bomb guard, per worker process
 
 
+def _worker_context() -> multiprocessing.context.BaseContext | None:
+    """Where the start method is ``spawn`` (Dask workers, macOS), fork DataLoader workers from a
+    forkserver that has imported this module once, instead of paying torch's import per chunk."""
+    if multiprocessing.get_start_method() != "spawn" or "forkserver" not in multiprocessing.get_all_start_methods():
+        return None  # fork (the Linux default) is already cheap
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # takes effect when the server starts (once per process)
+    return context
+
+
 class ImageEncoder:
     """open_clip model + its eval preprocess; ``encode(jobs)`` -> embeddings and failures."""
 
@@ -141,7 +153,7 @@ class ImageEncoder:
         size = size if isinstance(size, tuple | list) else (size, size)
         with torch.inference_mode():
             self.dim = int(self.model.encode_image(torch.zeros(1, 3, *size, device=device)).shape[-1])
-        log.info("image model %s (pretrained=%s) loaded (d=%d)", params.model, params.pretrained, self.dim)
+        log.info("image model %s (pretrained=%s) on %s, d=%d", params.model, params.pretrained, device, self.dim)
 
     def encode(
         self, jobs: Sequence[ImageJob], progress: Callable[[int], None] | None = None
@@ -154,15 +166,25 @@ class ImageEncoder:
             collate_fn=collate,
             worker_init_fn=functools.partial(_set_pixel_limit, self.max_pixels),
             pin_memory=self.device.type == "cuda",
+            multiprocessing_context=_worker_context() if self.params.num_workers else None,
         )
         positions: list[int] = []
         chunks: list[np.ndarray] = []
         failures: dict[int, str] = {}
         previous_limit = Image.MAX_IMAGE_PIXELS
         _set_pixel_limit(self.max_pixels)  # decoding happens here when num_workers == 0
+        # with num_workers == 0 a batch is decoded inside next(): on one torch thread, because the
+        # transform's small tensor ops are several times slower spread over busy intra-op threads
+        decode_threads = 1 if self.params.num_workers == 0 else None
+        batches = iter(loader)
         try:
             with torch.inference_mode(), autocast(self.device, self.params.dtype):
-                for pos, pixels, failed in loader:
+                while True:
+                    with torch_threads(decode_threads):
+                        batch = next(batches, None)
+                    if batch is None:
+                        break
+                    pos, pixels, failed = batch
                     failures.update(failed)
                     if pixels is not None:
                         x = pixels.to(self.device, non_blocking=True)  # (B, 3, H, W)
@@ -174,3 +196,28 @@ class ImageEncoder:
             Image.MAX_IMAGE_PIXELS = previous_limit
         emb = np.concatenate(chunks) if chunks else np.zeros((0, self.dim), np.float32)
         return positions, emb, failures
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How to build and run the image encoder; picklable, so each Dask worker builds its own.
+
+    ``device`` is the preference (``auto``, ``cpu``, ``cuda``), resolved where the model loads.
+    """
+
+    params: ImageFeatureParams
+    device: str = "auto"
+    max_pixels: int = 40_000_000
+
+    def build(self) -> ImageEncoder:
+        return ImageEncoder(self.params, pick_device(self.device), self.max_pixels)
+
+    def encode(
+        self,
+        encoder: ImageEncoder,
+        images: Sequence[tuple[Path, str]],
+        progress: Callable[[int], None] | None = None,
+    ) -> EncodedChunk:
+        """``images``: (file, expected sha256) pairs -> rows and failures, by index into ``images``."""
+        jobs = [ImageJob(i, path, sha) for i, (path, sha) in enumerate(images)]
+        return EncodedChunk(*encoder.encode(jobs, progress))

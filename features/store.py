@@ -179,9 +179,8 @@ def read_parts(store: str | Path, identity: str) -> dict[tuple[str, str], np.nda
     return done
 
 
-def _next_part_path(folder: Path) -> Path:
-    numbers = [int(p.stem.split("-")[1]) for p in folder.glob("part-*.parquet")]
-    return folder / f"part-{max(numbers, default=-1) + 1:05d}.parquet"
+def _part_numbers(folder: Path) -> list[int]:
+    return [int(p.stem.split("-")[1]) for p in folder.glob("part-*.parquet")]
 
 
 @dataclass
@@ -199,8 +198,88 @@ class EncodedChunk:
     failures: dict[int, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class PartJob:
+    """One chunk of work: the positions to encode and the part file their rows go to.
+
+    Everything a remote worker needs to write the part is here (ids, hashes, identity), so a
+    job can be shipped to another process as is; only the encoder's input travels beside it.
+    """
+
+    part: Path
+    positions: list[int]
+    item_ids: list[str]
+    shas: list[str]
+    identity: str  # identity JSON, written into the part's metadata
+
+    def write(self, chunk: EncodedChunk) -> int:
+        """Write the rows of ``chunk`` (positions among ``self.positions``); -> rows written."""
+        if not chunk.positions:
+            return 0
+        index = {pos: i for i, pos in enumerate(self.positions)}
+        rows = [index[pos] for pos in chunk.positions]
+        write_rows(
+            self.part,
+            FeatureRows(
+                item_ids=[self.item_ids[i] for i in rows],
+                shas=[self.shas[i] for i in rows],
+                embeddings=np.asarray(chunk.embeddings, np.float32),
+                metadata={IDENTITY_KEY: self.identity},
+            ),
+        )
+        return len(rows)
+
+
+def plan_parts(
+    store: str | Path,
+    item_ids: Sequence[str],
+    shas: Sequence[str],
+    todo: Sequence[int],
+    identity: str,
+    chunk_size: int,
+) -> list[PartJob]:
+    """Cut ``todo`` (ascending positions) into contiguous chunks, each with a fresh part file.
+
+    Part numbers continue after those already in the folder, so the parts of an interrupted
+    run are never overwritten and parallel workers never write the same file.
+    """
+    folder = parts_dir(store)
+    first = max(_part_numbers(folder), default=-1) + 1 if folder.exists() else 0
+    jobs = []
+    for k, begin in enumerate(range(0, len(todo), chunk_size)):
+        positions = list(todo[begin : begin + chunk_size])
+        jobs.append(
+            PartJob(
+                part=folder / f"part-{first + k:05d}.parquet",
+                positions=positions,
+                item_ids=[item_ids[p] for p in positions],
+                shas=[shas[p] for p in positions],
+                identity=identity,
+            )
+        )
+    return jobs
+
+
 # encode(positions, progress) -> EncodedChunk; progress(n) advances the bar by n items.
 ChunkEncoder = Callable[[Sequence[int], Callable[[int], None]], EncodedChunk]
+# run_parts(jobs, progress) -> {position: failure reason}. When it returns, every job's encoded
+# rows are in its part file (a job whose items all failed may have none). Any executor fits:
+# this process (`local_parts_runner`), or Dask workers (`features.distributed`).
+PartRunner = Callable[[Sequence[PartJob], Callable[[int], None]], dict[int, str]]
+
+
+def local_parts_runner(encode: ChunkEncoder) -> PartRunner:
+    """Run the jobs one after another in this process with ``encode``."""
+
+    def run(jobs: Sequence[PartJob], progress: Callable[[int], None]) -> dict[int, str]:
+        failures: dict[int, str] = {}
+        for job in jobs:
+            chunk = encode(job.positions, progress)
+            failures.update(chunk.failures)
+            job.write(chunk)
+        return failures
+
+    return run
 
 
 @dataclass
@@ -227,8 +306,10 @@ def upsert(
     item_ids: Sequence[str],
     shas: Sequence[str],
     identity: Mapping[str, object],
-    encode: ChunkEncoder,
+    encode: ChunkEncoder | None = None,
     *,
+    run_parts: PartRunner | None = None,
+    parallelism: int = 1,
     info: Mapping[str, str] | None = None,
     empty_dim: Callable[[], int] | None = None,
     warm_up: Callable[[], object] | None = None,
@@ -242,15 +323,20 @@ def upsert(
         item_ids, shas: the wanted rows, in the order the store will be written.
         identity: what makes embeddings comparable (model name, revision, pooling, ...); a
             change rebuilds the store. Also written to the metadata, one key per entry.
-        encode: encodes a chunk of positions into ``item_ids``; called once per chunk.
+        encode: encodes a chunk of positions into ``item_ids``; called once per chunk, here.
+        run_parts: instead of ``encode``, an executor for all the chunks at once (e.g. Dask
+            workers that each write their own part files); exactly one of the two is given.
+        parallelism: the chunks are made small enough that there are at least this many.
         info: extra metadata that does not invalidate rows (library versions, dtype).
         empty_dim: gives the embedding width when the store ends up with no rows.
         warm_up: called once before encoding when there is work (e.g. loading the model), so
             the reported items/s is the encoding rate alone.
-        chunk_size: items per chunk (and per part file).
+        chunk_size: items per chunk (and per part file), at most.
         desc: progress-bar label.
     """
     path = Path(path)
+    if (encode is None) == (run_parts is None):
+        raise TypeError("upsert: give exactly one of encode= and run_parts=")
     if len(item_ids) != len(shas):
         raise ValueError(f"upsert {path}: {len(item_ids)} item ids but {len(shas)} hashes")
     if len(set(item_ids)) != len(item_ids):
@@ -283,30 +369,20 @@ def upsert(
             report.resumed += 1
         else:
             todo.append(pos)
+    del reusable, resumable
     if report.resumed:
         log.info("%s: resuming an interrupted run, %d rows already encoded", path, report.resumed)
 
-    folder = parts_dir(path)
+    chunk = _chunk_size(len(todo), chunk_size, parallelism)
+    jobs = plan_parts(path, item_ids, shas, todo, ident, chunk)
     if todo and warm_up is not None:
         warm_up()
     start = time.perf_counter()
     with tqdm(total=len(todo), desc=desc, unit="item", mininterval=1.0, disable=not todo) as bar:
-        for begin in range(0, len(todo), chunk_size):
-            chunk = todo[begin : begin + chunk_size]
-            result = encode(chunk, bar.update)
-            for pos, reason in result.failures.items():
-                report.failures[item_ids[pos]] = reason
-            if result.positions:
-                part = FeatureRows(
-                    item_ids=[item_ids[p] for p in result.positions],
-                    shas=[shas[p] for p in result.positions],
-                    embeddings=np.asarray(result.embeddings, np.float32),
-                    metadata={IDENTITY_KEY: ident},
-                )
-                write_rows(_next_part_path(folder), part)
-                rows.update(zip(result.positions, part.embeddings, strict=True))
-                report.encoded += len(result.positions)
+        failures = (run_parts or local_parts_runner(encode))(jobs, bar.update)
     report.encode_seconds = time.perf_counter() - start
+    report.encoded = _collect_parts(path, jobs, failures, rows)
+    report.failures = {item_ids[pos]: reason for pos, reason in sorted(failures.items())}
 
     order = sorted(rows)
     if order:
@@ -323,9 +399,43 @@ def upsert(
     }
     final = FeatureRows([item_ids[p] for p in order], [shas[p] for p in order], embeddings, metadata)
     write_rows(path, final)
-    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(parts_dir(path), ignore_errors=True)
 
     report.total, report.dim = len(final), final.dim
     if old is not None:
         report.removed = len(set(old.item_ids) - set(final.item_ids))
     return report
+
+
+def _chunk_size(todo: int, chunk_size: int, parallelism: int) -> int:
+    """``chunk_size``, or for parallel runs the even split into a multiple of ``parallelism`` chunks
+    of at most ``chunk_size`` (5000 items, 2048, 2 workers -> 4 chunks of 1250, not 2048+2048+904)."""
+    if parallelism <= 1 or todo == 0:
+        return chunk_size
+    n_chunks = -(-todo // chunk_size)
+    n_chunks = -(-n_chunks // parallelism) * parallelism
+    return max(1, -(-todo // n_chunks))
+
+
+def _collect_parts(
+    path: Path, jobs: Sequence[PartJob], failures: Mapping[int, str], rows: dict[int, np.ndarray]
+) -> int:
+    """Read this run's part files into ``rows``; -> rows added.
+
+    Every position of every job must come back as a row or a failure: anything else means an
+    executor lost work, and the store is not written (the parts stay for the next run).
+    """
+    added = 0
+    for job in jobs:
+        part = read_rows(job.part)
+        found = {} if part is None else dict(zip(part.item_ids, part.embeddings, strict=True))
+        for pos, item_id in zip(job.positions, job.item_ids, strict=True):
+            if item_id in found:
+                rows[pos] = found[item_id]
+                added += 1
+            elif pos not in failures:
+                raise RuntimeError(
+                    f"upsert {path}: item {item_id!r} came back neither encoded nor failed "
+                    f"(part {job.part.name}); the finished parts are kept for the next run"
+                )
+    return added

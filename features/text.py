@@ -10,14 +10,16 @@ from __future__ import annotations
 import importlib
 import logging
 import string
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cammsr.config import TextFeatureParams
-from features.device import autocast
+from features.device import autocast, pick_device
+from features.store import EncodedChunk
 
 log = logging.getLogger(__name__)
 
@@ -138,37 +140,75 @@ class TextEncoder:
             ) from exc
         self.model.to(device).eval()
         self.dim = int(self.model.config.hidden_size)
-        log.info("text model %s loaded (d=%d, pooling=%s)", params.model, self.dim, params.pooling)
+        log.info("text model %s loaded on %s (d=%d, pooling=%s)", params.model, device, self.dim, params.pooling)
+
+    def batches(self, texts: Sequence[str]) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+        """Tokenize once, then yield length-sorted padded batches: (indices into texts, tensors).
+
+        Longest first, so padding is small and a too-large batch fails at once; ties keep
+        input order. Tensors are on the CPU, [B, T] each.
+        """
+        if not texts:
+            return
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.params.max_length)
+        keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
+        lengths = [len(ids) for ids in enc["input_ids"]]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        pad = {"input_ids": self.tokenizer.pad_token_id or 0, "token_type_ids": 0, "attention_mask": 0}
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        for begin in range(0, len(order), self.params.batch_size):
+            idx = order[begin : begin + self.params.batch_size]
+            width = lengths[idx[0]]
+            batch = {}
+            for key in keys:
+                out = np.full((len(idx), width), pad[key], np.int64)  # (B, T)
+                for row, i in enumerate(idx):
+                    values = enc[key][i]
+                    if left:
+                        out[row, width - len(values) :] = values
+                    else:
+                        out[row, : len(values)] = values
+                batch[key] = torch.from_numpy(out)
+            if "attention_mask" not in batch:  # pooling needs it even if the tokenizer gives none
+                real = torch.tensor([lengths[i] for i in idx])[:, None]  # (B, 1)
+                batch["attention_mask"] = (torch.arange(width) < real).long()
+            yield idx, batch
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """One padded batch -> pooled float32 [B, d] on the CPU."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        with torch.inference_mode(), autocast(self.device, self.params.dtype):
+            hidden = self.model(**batch).last_hidden_state.float()  # (B, T, d); pool in fp32
+            return pool(hidden, batch["attention_mask"], self.params.pooling).cpu()  # (B, d)
 
     def encode(self, texts: Sequence[str], progress: Callable[[int], None] | None = None) -> np.ndarray:
-        """Embed ``texts`` -> float32 [N, d], in the given order.
-
-        Texts are batched by token length (longest first) so padding is small, then put back.
-        """
-        n, bs = len(texts), self.params.batch_size
-        out = np.empty((n, self.dim), np.float32)
-        if n == 0:
-            return out
-        token_ids = self.tokenizer(list(texts), truncation=True, max_length=self.params.max_length)[
-            "input_ids"
-        ]
-        order = sorted(range(n), key=lambda i: -len(token_ids[i]))  # stable: ties keep input order
-        with torch.inference_mode(), autocast(self.device, self.params.dtype):
-            for begin in range(0, n, bs):
-                idx = order[begin : begin + bs]
-                batch = self.tokenizer(
-                    [texts[i] for i in idx],
-                    padding=True,
-                    truncation=True,
-                    max_length=self.params.max_length,
-                    return_tensors="pt",
-                ).to(self.device)
-                hidden = self.model(**batch).last_hidden_state.float()  # (B, T, d); pool in fp32
-                pooled = pool(hidden, batch["attention_mask"], self.params.pooling)  # (B, d)
-                out[idx] = pooled.float().cpu().numpy()
-                if progress is not None:
-                    progress(len(idx))
+        """Embed ``texts`` -> float32 [N, d], in the given order."""
+        out = np.empty((len(texts), self.dim), np.float32)
+        for idx, batch in self.batches(texts):
+            out[idx] = self.forward(batch).numpy()
+            if progress is not None:
+                progress(len(idx))
         return out
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """How to build and run the text encoder; picklable, so each Dask worker builds its own.
+
+    ``device`` is the preference (``auto``, ``cpu``, ``cuda``), resolved where the model loads.
+    """
+
+    params: TextFeatureParams
+    device: str = "auto"
+
+    def build(self) -> TextEncoder:
+        return TextEncoder(self.params, pick_device(self.device))
+
+    def encode(
+        self, encoder: TextEncoder, texts: Sequence[str], progress: Callable[[int], None] | None = None
+    ) -> EncodedChunk:
+        """-> rows for every text (positions are indices into ``texts``; text never fails)."""
+        return EncodedChunk(list(range(len(texts))), encoder.encode(texts, progress))
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:

@@ -1,116 +1,69 @@
-"""The whole DAG as a Prefect flow: one task per stage, calling the same stage functions as the CLI.
+"""The whole DAG as a Prefect flow, for one catalog or all of them, consistent with dvc.lock.
 
-    python -m flows.pipeline --catalog demo
+    python -m flows.pipeline --catalog demo          # or: cammsr serve, then run the `pipeline` deployment
 
-The flow holds no stage logic: each task loads nothing itself and only forwards typed params
-sections to the library function that `dvc repro` also runs (through the `cammsr` CLI).
+ingest -> (text, image features in parallel) -> splits -> train -> evaluate, one task per stage
+calling the same stage functions as ``dvc repro`` (`flows.stages`). A stage that dvc.lock says is up
+to date is not rerun; one that runs is recorded with ``dvc commit``, so ``dvc status`` is clean
+afterwards. Tasks run on the task runner named by ``params.orchestration.task_runner``.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
+from prefect import flow
 
-from cammsr.config import load_params
-from cammsr.paths import CatalogPaths
-from cammsr.summary import StageSummary
+from flows.dag import gather, submit_catalogs
+from flows.runners import task_runner_for
+from flows.stages import CATALOG_STAGES, Project
 
 
-@task(retries=2, retry_delay_seconds=5)
-def ingest_task(name: str, params_path: str, root: str) -> StageSummary:
-    from cammsr.ingest import run_ingest
-
-    p = load_params(params_path)
-    return run_ingest(name, p.catalog(name), p.ingest, CatalogPaths.of(name, p.project.data_dir), root=Path(root))
-
-
-@task
-def demo_source_task(params_path: str, out: str) -> str:
-    from demo.generate import generate_demo
-
-    generate_demo(Path(out), load_params(params_path).demo)
-    return out
+@flow(name="catalog-stages")
+def _stages(catalogs: list[str], stages: list[str], root: str, params_path: str, fetch: bool = False,
+            force: bool = False, artifact: str = "pipeline") -> dict[str, list[dict]]:
+    project = Project.at(root, params_path)
+    return gather(submit_catalogs(catalogs, stages, project, fetch=fetch, force=force), project, artifact)
 
 
-@task
-def encode_text_task(name: str, params_path: str) -> StageSummary:
-    from features.encode import encode_text
-
-    p = load_params(params_path)
-    return encode_text(name, p.features.text, CatalogPaths.of(name, p.project.data_dir), device=p.project.device)
-
-
-@task
-def encode_image_task(name: str, params_path: str) -> StageSummary:
-    from features.encode import encode_image
-
-    p = load_params(params_path)
-    return encode_image(name, p.features.image, CatalogPaths.of(name, p.project.data_dir), device=p.project.device,
-                        max_image_pixels=p.ingest.max_image_pixels)
-
-
-@task
-def split_task(name: str, params_path: str) -> StageSummary:
-    from cammsr.splits import run_split
-
-    p = load_params(params_path)
-    return run_split(name, p.splits, CatalogPaths.of(name, p.project.data_dir))
-
-
-@task
-def train_task(name: str, params_path: str) -> StageSummary:
-    from cammsr.train import run_train
-
-    p = load_params(params_path)
-    return run_train(name, p.train, p.splits, p.evaluate, p.project, CatalogPaths.of(name, p.project.data_dir))
-
-
-@task
-def evaluate_task(name: str, params_path: str) -> StageSummary:
-    from cammsr.evaluate import run_evaluate
-
-    p = load_params(params_path)
-    return run_evaluate(name, p.splits, p.evaluate, p.project, CatalogPaths.of(name, p.project.data_dir))
+def run_on_configured_runner(catalogs: list[str] | None, stages: list[str], project: Project, *,
+                             fetch: bool = False, force: bool = False, artifact: str = "pipeline"
+                             ) -> dict[str, list[dict]]:
+    """Run ``stages`` of ``catalogs`` (default all) as a subflow on the params' task runner."""
+    params = project.params()
+    names = list(catalogs or params.catalogs)
+    for name in names:
+        params.catalog(name)
+    runner = task_runner_for(params.orchestration)
+    return _stages.with_options(task_runner=runner)(names, list(stages), str(project.root),
+                                                    str(project.params_path), fetch, force, artifact)
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline(catalogs: list[str] | None = None, params_path: str = "params.yaml", root: str = ".") -> dict:
-    """ingest -> (text, image features in parallel) -> splits -> train -> evaluate, per catalog."""
-    from cammsr.report import markdown_table
+def pipeline(catalogs: list[str] | None = None, params_path: str = "params.yaml", root: str = ".",
+             force: bool = False) -> dict[str, list[dict]]:
+    """ingest -> (text, image features in parallel) -> splits -> train -> evaluate, per catalog.
 
-    p = load_params(params_path)
-    names = catalogs or list(p.catalogs)
-    results: dict[str, list[dict]] = {}
-    for name in names:
-        if name == "demo":
-            demo_source_task(params_path, str(Path(root) / "data/sources/demo"))
-        summaries = [ingest_task(name, params_path, root)]
-        text = encode_text_task.submit(name, params_path)
-        image = encode_image_task.submit(name, params_path)
-        summaries += [text.result(), image.result()]
-        summaries += [split_task(name, params_path)]
-        summaries += [train_task(name, params_path)]
-        summaries += [evaluate_task(name, params_path)]
-        results[name] = [s.to_dict() for s in summaries]
-        metrics = CatalogPaths.of(name, p.project.data_dir).metrics
-        create_markdown_artifact(
-            key=f"pipeline-{name}".lower().replace("_", "-"),
-            markdown="\n".join([f"# {name}", "", *[f"- `{s.line()}`" for s in summaries], "",
-                                markdown_table(name, metrics)]),
-            description=f"cammsr pipeline summary for {name}",
-        )
-    return results
+    Args:
+        catalogs: names from params.yaml; default all.
+        params_path: the params file (relative to ``root``); only ``root/params.yaml`` keeps dvc.lock in step.
+        root: the project root (holds dvc.yaml).
+        force: rerun every stage even when dvc.lock says it is up to date (recorded all the same).
+
+    Returns:
+        ``{catalog: [one dict per stage: summary + target + skipped]}``.
+    """
+    return run_on_configured_runner(catalogs, list(CATALOG_STAGES), Project.at(root, params_path), force=force)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--catalog", action="append", help="catalog name (repeatable; default all)")
     ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--root", default=".")
+    ap.add_argument("--force", action="store_true", help="rerun stages that dvc.lock says are up to date")
     args = ap.parse_args()
-    pipeline(catalogs=args.catalog, params_path=args.params)
+    pipeline(catalogs=args.catalog, params_path=args.params, root=args.root, force=args.force)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cammsr.model.chunked_ce import chunked_softmax_ce
 from cammsr.model.dyt import make_norm
 from cammsr.model.losses import info_nce
 
@@ -247,7 +248,11 @@ class CAMMSR(nn.Module):
         out = self.encode_views(seq)
         pos = targets > 0  # [B, L]
         z = out["z"][:, pos]  # [M, P, d]
-        ce = F.cross_entropy(self.scores(z), targets[pos], reduction="sum")
+        h = z.permute(1, 0, 2).flatten(1)  # [P, M*d]
+        # CE over the real items only (table rows 1..N, targets shifted by one): the same loss as
+        # `scores` with the padding column at -inf, computed a block of targets at a time so that the
+        # [P, N] score matrix is never held whole (see chunked_ce.py).
+        ce = chunked_softmax_ce(h, self.score_table()[1:], targets[pos] - 1)  # summed over P targets
         loss_rec = ce / (normalizer if normalizer is not None else max(int(pos.sum()), 1))
         parts = {"rec": loss_rec.detach()}
         loss = loss_rec

@@ -1,0 +1,99 @@
+"""Where our time goes: torch.profiler over training steps and one full-ranking pass.
+
+    python -m benchmarks.profile_ours --catalog toys --params data/bench/params.yaml [--model sasrec]
+        [--steps 20] [--threads 2] [--eval-users 4096]
+
+Prints the top operators by self CPU time for (1) ``--steps`` training steps of `cammsr.train.train_epoch`'s
+loop and (2) a full-ranking pass of `cammsr.ranking.rank_targets` over ``--eval-users`` test users,
+plus plain wall times without the profiler. Use it before and after a change to see what it bought.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cammsr.batches import bucketed_batches, pad_right, training_pairs
+from cammsr.config import load_params
+from cammsr.model_io import build_model
+from cammsr.paths import CatalogPaths
+from cammsr.ranking import rank_targets
+from cammsr.splits import load_splits
+
+
+def train_steps(model, opt, inputs, targets, batches) -> None:
+    """The body of `cammsr.train.train_epoch` for the given index batches (single process)."""
+    model.train()
+    for idx in batches:
+        seq = pad_right([inputs[i] for i in idx])
+        tgt = pad_right([targets[i] for i in idx])
+        loss, _ = model(seq, tgt, None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--catalog", default="toys")
+    ap.add_argument("--params", type=Path, default=Path("data/bench/params.yaml"))
+    ap.add_argument("--model", default="sasrec", choices=["sasrec", "cammsr"])
+    ap.add_argument("--batch-size", type=int, default=364, help="sequences per step")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-users", type=int, default=4096)
+    ap.add_argument("--eval-batch", type=int, default=1024)
+    ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--no-profiler", action="store_true", help="only the plain wall times")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    p = load_params(args.params)
+    paths = CatalogPaths.of(args.catalog, p.project.data_dir)
+    split = load_splits(paths.splits_dir)
+    train = p.train.model_copy(update={"model": args.model})
+    model = build_model(train, p.splits, split, paths, seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=train.lr)
+    inputs, targets = training_pairs(split.train_sequences(), p.splits.max_seq_len)
+    lengths = np.array([len(s) for s in inputs])
+    batches = list(itertools.islice(bucketed_batches(lengths, args.batch_size, torch.Generator().manual_seed(0)),
+                                    args.steps + 2))
+    train_steps(model, opt, inputs, targets, batches[:2])  # warm-up
+    batches = batches[2:]
+    hist, tgts, _ = split.held_out("test", p.splits.max_seq_len)
+    hist, tgts = hist[: args.eval_users], tgts[: args.eval_users]
+
+    t0 = time.perf_counter()
+    train_steps(model, opt, inputs, targets, batches)
+    train_s = time.perf_counter() - t0
+    model.eval()
+    t0 = time.perf_counter()
+    rank_targets(model.score_last, hist, tgts, args.eval_batch)
+    eval_s = time.perf_counter() - t0
+    n_targets = int(sum(lengths[i].sum() for i in batches))
+    print(f"{args.model}: {len(batches)} steps, {n_targets} targets in {train_s:.2f} s "
+          f"({n_targets / train_s:.0f} targets/s); eval {len(tgts)} users in {eval_s:.2f} s "
+          f"({len(tgts) / eval_s:.0f} users/s)")
+    if args.no_profiler:
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_steps(model, opt, inputs, targets, batches)
+    print(f"--- training, {len(batches)} steps: top ops by self CPU time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    model.eval()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        rank_targets(model.score_last, hist, tgts, args.eval_batch)
+    print(f"--- full ranking, {len(tgts)} users: top ops by self CPU time")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows))
+
+
+if __name__ == "__main__":
+    main()

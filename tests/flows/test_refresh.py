@@ -1,0 +1,102 @@
+"""refresh-features: conditional re-download, re-normalize, incremental encode, downstream per params."""
+
+import gzip
+import json
+
+import polars as pl
+import pytest
+import yaml
+
+from cammsr.config import DemoParams
+from demo.generate import generate_demo
+from flows.refresh import refresh_features, refresh_stages
+from tests.integration.conftest import dvc, make_project_copy
+
+SOURCE = "sources/mini"
+META = f"{SOURCE}/meta_Demo.json.gz"
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory):
+    """A tiny project whose one catalog reads plain files (not the generated demo, which a refresh regenerates)."""
+    root = make_project_copy(tmp_path_factory.mktemp("refresh"))
+    generate_demo(root / SOURCE, DemoParams(n_users=80, n_items=40, n_categories=3, mean_length=8.0, image_size=32,
+                                            seed=3))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["catalogs"] = {"mini": {"reviews": f"file:{SOURCE}/reviews_Demo_5.json.gz", "meta": f"file:{META}",
+                                   "images": True, "source_dep": SOURCE}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return root
+
+
+def _by_stage(result):
+    return {s["stage"]: s for s in result["mini"]}
+
+
+def _stale(root):
+    """The mini catalog's stages that `dvc status` lists (demo_source is in dvc.yaml but no catalog here uses it)."""
+    res = dvc(root, "status", "--json")
+    assert res.returncode == 0, res.stderr
+    return sorted(k.rsplit(":", 1)[-1] for k in json.loads(res.stdout or "{}") if k.endswith("@mini"))
+
+
+def _retitle_one_item(path, items):
+    """Change the title of the first of ``items`` in a gzip JSON-lines metadata file; return its asin."""
+    lines = gzip.decompress(path.read_bytes()).decode().splitlines()
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("title") and rec.get("asin") in items:
+            rec["title"] = rec["title"] + " (new edition)"
+            lines[i] = json.dumps(rec)
+            path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+            return rec["asin"]
+    raise AssertionError("no titled item")
+
+
+def test_downstream_stages_follow_the_switch():
+    assert refresh_stages(False) == ["ingest", "encode_text", "encode_image"]
+    assert refresh_stages(True) == ["ingest", "encode_text", "encode_image", "split", "train", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def refreshes(mini, prefect_harness):
+    """Three refreshes: from nothing; after one item's title changed; unchanged but with downstream."""
+    first = refresh_features(root=str(mini))
+    stale_after_first = _stale(mini)
+    asin = _retitle_one_item(mini / META, set(pl.read_parquet(mini / "data/mini/items.parquet")["item_id"]))
+    second = refresh_features(root=str(mini))
+    third = refresh_features(root=str(mini), downstream=True)
+    return first, stale_after_first, asin, second, third
+
+
+def test_first_refresh_builds_the_features_only(refreshes):
+    first, stale, _, _, _ = refreshes
+    s = _by_stage(first)
+    assert list(s) == ["fetch_sources", "ingest", "encode_text", "encode_image"]  # downstream: false in params
+    assert s["fetch_sources"]["counts"]["changed"] == 2
+    assert not any(x.get("skipped") for x in first["mini"])
+    assert s["encode_text"]["counts"]["encoded"] == s["ingest"]["counts"]["items"] > 0
+    # what was not run is what DVC still lists; the rest agrees with dvc.lock
+    assert stale == ["evaluate@mini", "split@mini", "train@mini"]
+
+
+def test_one_changed_item_encodes_one_item(refreshes):
+    first, _, _, second, _ = refreshes
+    s = _by_stage(second)
+    assert s["fetch_sources"]["counts"]["changed"] == 1  # the metadata file; the reviews file was unchanged
+    assert s["ingest"]["skipped"] is False
+    assert s["encode_text"]["counts"]["encoded"] == 1
+    assert s["encode_text"]["counts"]["reused"] == _by_stage(first)["encode_text"]["counts"]["encoded"] - 1
+    assert s["encode_image"]["skipped"] is True  # images.parquet unchanged: DVC says up to date
+
+
+def test_unchanged_sources_skip_features_and_downstream_runs_when_asked(refreshes, mini):
+    *_, third = refreshes
+    s = _by_stage(third)
+    assert s["fetch_sources"]["counts"] == {"files": 2, "changed": 0, "bytes_downloaded": 0}
+    assert [s[k]["skipped"] for k in ("ingest", "encode_text", "encode_image")] == [True, True, True]
+    assert [s[k]["skipped"] for k in ("split", "train", "evaluate")] == [False, False, False]
+    assert _stale(mini) == []

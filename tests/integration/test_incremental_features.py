@@ -1,0 +1,83 @@
+"""`dvc repro` after editing one item's title re-encodes exactly one text row, and no image.
+
+The copy's demo catalog reads a source folder of its own (``data/sources/edited``, generated
+once, then edited by hand like a user would), not the ``demo_source`` stage's output: DVC would
+restore an edited stage output by rerunning the generator.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+
+import numpy as np
+
+from cammsr.config import DemoParams
+from demo.generate import META_FILE, generate_demo
+from features.store import read_rows
+from tests.integration.conftest import TINY, dvc, make_project_copy
+
+SOURCE = "data/sources/edited"
+STAGES = ("encode_text@demo", "encode_image@demo")
+
+
+def _summary(root, stage: str) -> dict:
+    return json.loads((root / "data/demo/summaries" / f"{stage}.json").read_text())["counts"]
+
+
+def _edit_one_title(meta_path, asin: str, title: str) -> None:
+    """Rewrite the meta line of ``asin`` with a new title; every other line stays byte for byte."""
+    lines = gzip.decompress(meta_path.read_bytes()).decode("utf-8").splitlines(keepends=True)
+    hits = [k for k, line in enumerate(lines) if f'"{asin}"' in line]
+    assert len(hits) == 1, f"{asin} on {len(hits)} meta lines"
+    record = json.loads(lines[hits[0]])
+    assert record["asin"] == asin
+    record["title"] = title
+    lines[hits[0]] = json.dumps(record) + "\n"
+    meta_path.write_bytes(gzip.compress("".join(lines).encode("utf-8")))
+
+
+def test_repro_after_one_title_edit_reencodes_one_text_row(tmp_path):
+    overrides = copy.deepcopy(TINY)
+    overrides["features"]["image"]["model"] = "ViT-S-32"  # a quarter of ViT-B-32's work; same code path
+    overrides["catalogs"] = {
+        "demo": {"reviews": f"file:{SOURCE}/reviews_Demo_5.json.gz", "meta": f"file:{SOURCE}/{META_FILE}",
+                 "source_dep": SOURCE}
+    }  # fmt: skip
+    root = make_project_copy(tmp_path / "proj", overrides)
+    generate_demo(root / SOURCE, DemoParams(**TINY["demo"]))
+
+    first = dvc(root, "repro", *STAGES)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    text1 = _summary(root, "encode_text")
+    n = text1["total"]
+    assert n > 10 and text1["encoded"] == n and text1["reused"] == 0
+    assert _summary(root, "encode_image")["encoded"] > 0
+    before = read_rows(root / "data/demo/features/text.parquet")
+    image_before = (root / "data/demo/features/image.parquet").read_bytes()
+
+    edited = before.item_ids[len(before.item_ids) // 2]
+    _edit_one_title(root / SOURCE / META_FILE, edited, "A brand new title for the refresh test")
+    second = dvc(root, "repro", *STAGES)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+
+    text2 = _summary(root, "encode_text")
+    assert {k: text2[k] for k in ("encoded", "reused", "removed", "failed", "total")} == {
+        "encoded": 1, "reused": n - 1, "removed": 0, "failed": 0, "total": n
+    }  # fmt: skip
+    after = read_rows(root / "data/demo/features/text.parquet")
+    assert after.item_ids == before.item_ids
+    changed = [i for i in range(n) if not (before.embeddings[i] == after.embeddings[i]).all()]
+    assert [after.item_ids[i] for i in changed] == [edited]
+    assert [after.item_ids[i] for i in range(n) if after.shas[i] != before.shas[i]] == [edited]
+    np.testing.assert_array_equal(np.delete(after.embeddings, changed, 0), np.delete(before.embeddings, changed, 0))
+
+    # the images did not change: DVC skips the stage, or the stage reuses every row
+    skipped = "Stage 'encode_image@demo' didn't change, skipping" in second.stdout
+    assert skipped or _summary(root, "encode_image")["encoded"] == 0, second.stdout[-3000:]
+    assert (root / "data/demo/features/image.parquet").read_bytes() == image_before or not skipped
+
+    status = dvc(root, "status", *STAGES)
+    assert status.returncode == 0 and "changed" not in status.stdout, status.stdout
+    print(f"encode_text after the edit: {text2}; encode_image skipped by DVC: {skipped}")
