@@ -1,29 +1,35 @@
 """Where our time goes: torch.profiler over training steps and one full-ranking pass.
 
     python -m benchmarks.profile_ours --catalog toys --params data/bench/params.yaml [--model sasrec]
-        [--steps 20] [--threads 2] [--eval-users 4096]
+        [--steps 20] [--threads 2] [--eval-users 4096] [--malloc tuned|default] [--ce chunked|dense]
 
 Prints the top operators by self CPU time for (1) ``--steps`` training steps of `cammsr.train.train_epoch`'s
 loop and (2) a full-ranking pass of `cammsr.ranking.rank_targets` over ``--eval-users`` test users,
-plus plain wall times without the profiler. Use it before and after a change to see what it bought.
+plus plain wall and CPU times without the profiler. Use it before and after a change to see what it
+bought; ``--malloc default`` leaves glibc's allocator as it is (no `cammsr.train.tune_glibc_malloc`)
+and ``--ce dense`` swaps the chunked CE for ``F.cross_entropy`` on the whole score matrix.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import resource
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+import cammsr.model.cammsr as model_mod
 from cammsr.batches import bucketed_batches, pad_right, training_pairs
 from cammsr.config import load_params
 from cammsr.model_io import build_model
 from cammsr.paths import CatalogPaths
 from cammsr.ranking import rank_targets
 from cammsr.splits import load_splits
+from cammsr.train import tune_glibc_malloc
 
 
 def train_steps(model, opt, inputs, targets, batches) -> None:
@@ -50,7 +56,13 @@ def main() -> None:
     ap.add_argument("--eval-batch", type=int, default=1024)
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--no-profiler", action="store_true", help="only the plain wall times")
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned")
+    ap.add_argument("--ce", choices=["chunked", "dense"], default="chunked")
     args = ap.parse_args()
+    if args.malloc == "tuned":
+        tune_glibc_malloc()
+    if args.ce == "dense":
+        model_mod.chunked_softmax_ce = lambda h, table, targets: F.cross_entropy(h @ table.T, targets, reduction="sum")
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -69,17 +81,20 @@ def main() -> None:
     hist, tgts, _ = split.held_out("test", p.splits.max_seq_len)
     hist, tgts = hist[: args.eval_users], tgts[: args.eval_users]
 
-    t0 = time.perf_counter()
+    t0, c0, ru0 = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF)
     train_steps(model, opt, inputs, targets, batches)
-    train_s = time.perf_counter() - t0
+    train_s, train_cpu = time.perf_counter() - t0, time.process_time() - c0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
     model.eval()
     t0 = time.perf_counter()
     rank_targets(model.score_last, hist, tgts, args.eval_batch)
     eval_s = time.perf_counter() - t0
     n_targets = int(sum(lengths[i].sum() for i in batches))
-    print(f"{args.model}: {len(batches)} steps, {n_targets} targets in {train_s:.2f} s "
-          f"({n_targets / train_s:.0f} targets/s); eval {len(tgts)} users in {eval_s:.2f} s "
-          f"({len(tgts) / eval_s:.0f} users/s)")
+    print(f"{args.model} malloc={args.malloc} ce={args.ce}: {len(batches)} steps, {n_targets} targets in "
+          f"{train_s:.2f} s wall, {train_cpu:.2f} s CPU of which {ru1.ru_stime - ru0.ru_stime:.2f} s kernel, "
+          f"{ru1.ru_minflt - ru0.ru_minflt} page faults ({n_targets / train_s:.0f} targets/s); eval {len(tgts)} "
+          f"users in {eval_s:.2f} s ({len(tgts) / eval_s:.0f} users/s); "
+          f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     if args.no_profiler:
         return
     from torch.profiler import ProfilerActivity, profile

@@ -246,6 +246,7 @@ def encode_image(
         "pretrained": params.pretrained,
         "random_init_seed": None if params.pretrained else RANDOM_INIT_SEED,
         "pooling": "encode_image (not normalized)",
+        "decode": "jpeg draft to the input side",  # see features.image.decode_image
     }
     info = {
         "dtype": params.dtype,
