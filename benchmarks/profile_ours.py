@@ -71,7 +71,7 @@ def main() -> None:
     split = load_splits(paths.splits_dir)
     train = p.train.model_copy(update={"model": args.model})
     model = build_model(train, p.splits, split, paths, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=train.lr)
+    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, fused=True)  # as cammsr.train.run_train
     inputs, targets = training_pairs(split.train_sequences(), p.splits.max_seq_len)
     lengths = np.array([len(s) for s in inputs])
     batches = list(itertools.islice(bucketed_batches(lengths, args.batch_size, torch.Generator().manual_seed(0)),

@@ -65,15 +65,16 @@ def ingest(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml")) ->
 def encode(catalog: CatalogOpt, modality: Annotated[str, typer.Option(help="text or image")],
            params_path: ParamsOpt = Path("params.yaml")) -> None:
     """Encode item text (transformers) or images (open_clip) into the feature store."""
-    from features.encode import encode_image, encode_text
+    from features.encode import encode_image, encode_text, scale_out
 
     p = _load(params_path)
     paths = _paths(p, catalog)
+    scale = scale_out(p.features)
     if modality == "text":
-        s = encode_text(catalog, p.features.text, paths, device=p.project.device)
+        s = encode_text(catalog, p.features.text, paths, device=p.project.device, **scale)
     elif modality == "image":
         s = encode_image(catalog, p.features.image, paths, device=p.project.device,
-                         max_image_pixels=p.ingest.max_image_pixels)
+                         max_image_pixels=p.ingest.max_image_pixels, **scale)
     else:
         raise typer.BadParameter(f"--modality must be text or image, not {modality!r}")
     del s  # the stage logs its own summary line

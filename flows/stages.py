@@ -70,18 +70,19 @@ def _ingest(project: Project, catalog: str) -> StageSummary:
 
 
 def _encode_text(project: Project, catalog: str) -> StageSummary:
-    from features.encode import encode_text
+    from features.encode import encode_text, scale_out
 
     p = project.params()
-    return encode_text(catalog, p.features.text, project.paths(catalog, p), device=p.project.device)
+    return encode_text(catalog, p.features.text, project.paths(catalog, p), device=p.project.device,
+                       **scale_out(p.features))
 
 
 def _encode_image(project: Project, catalog: str) -> StageSummary:
-    from features.encode import encode_image
+    from features.encode import encode_image, scale_out
 
     p = project.params()
     return encode_image(catalog, p.features.image, project.paths(catalog, p), device=p.project.device,
-                        max_image_pixels=p.ingest.max_image_pixels)
+                        max_image_pixels=p.ingest.max_image_pixels, **scale_out(p.features))
 
 
 def _split(project: Project, catalog: str) -> StageSummary:

@@ -228,7 +228,8 @@ class CAMMSR(nn.Module):
     # ---- scoring and loss ------------------------------------------------------------------
     def score_table(self) -> torch.Tensor:
         """Item tables of all modalities side by side: [N+1, M*d] (scored against concat Z)."""
-        return torch.cat([self.item_table(m) for m in self.mods], dim=-1)
+        tables = [self.item_table(m) for m in self.mods]
+        return tables[0] if len(tables) == 1 else torch.cat(tables, dim=-1)  # one modality: no copy
 
     def scores(self, z: torch.Tensor) -> torch.Tensor:
         """Sum over modalities of <Z_m, table_m>: z [M, P, d] -> scores [P, N+1] (padding at -inf)."""
