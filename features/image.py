@@ -19,7 +19,8 @@ import logging
 import math
 import multiprocessing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,36 +165,47 @@ class ImageEncoder:
             self.dim = int(self.model.encode_image(torch.zeros(1, 3, *size, device=device)).shape[-1])
         log.info("image model %s (pretrained=%s) on %s, d=%d", params.model, params.pretrained, device, self.dim)
 
+    def batches(self, jobs: Sequence[ImageJob]) -> Iterator[tuple[list[int], torch.Tensor | None, dict[int, str]]]:
+        """Decoded batches of ``jobs`` in order: (positions, pixels [B, 3, H, W] or None, failures).
+
+        ``num_workers > 0``: a DataLoader with that many worker processes (for GPU hosts, where
+        decoding must keep up with the model). ``0``: decoded here between forwards, by a pool of
+        as many threads as torch has (PIL and the transform's tensor ops release the GIL), each
+        on one torch thread, since the transform's small tensor ops are several times slower
+        spread over intra-op threads. On a CPU host this beats worker processes, which compete
+        with the forward for the same cores.
+        """
+        files = ImageFiles(jobs, self.preprocess, self.max_pixels, self.min_side)
+        if self.params.num_workers:
+            yield from DataLoader(
+                files,
+                batch_size=self.params.batch_size,
+                num_workers=self.params.num_workers,
+                collate_fn=collate,
+                worker_init_fn=functools.partial(_set_pixel_limit, self.max_pixels),
+                pin_memory=self.device.type == "cuda",
+                multiprocessing_context=_worker_context(),
+            )
+            return
+        bs = self.params.batch_size
+        with ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="decode") as pool:
+            for begin in range(0, len(files), bs):
+                with torch_threads(1):
+                    decoded = list(pool.map(files.__getitem__, range(begin, min(begin + bs, len(files)))))
+                yield collate(decoded)
+
     def encode(
         self, jobs: Sequence[ImageJob], progress: Callable[[int], None] | None = None
     ) -> tuple[list[int], np.ndarray, dict[int, str]]:
         """-> (positions encoded, float32 [len(positions), d], {position: failure reason})."""
-        loader = DataLoader(
-            ImageFiles(jobs, self.preprocess, self.max_pixels, self.min_side),
-            batch_size=self.params.batch_size,
-            num_workers=self.params.num_workers,
-            collate_fn=collate,
-            worker_init_fn=functools.partial(_set_pixel_limit, self.max_pixels),
-            pin_memory=self.device.type == "cuda",
-            multiprocessing_context=_worker_context() if self.params.num_workers else None,
-        )
         positions: list[int] = []
         chunks: list[np.ndarray] = []
         failures: dict[int, str] = {}
         previous_limit = Image.MAX_IMAGE_PIXELS
-        _set_pixel_limit(self.max_pixels)  # decoding happens here when num_workers == 0
-        # with num_workers == 0 a batch is decoded inside next(): on one torch thread, because the
-        # transform's small tensor ops are several times slower spread over busy intra-op threads
-        decode_threads = 1 if self.params.num_workers == 0 else None
-        batches = iter(loader)
+        _set_pixel_limit(self.max_pixels)  # decoding happens in this process when num_workers == 0
         try:
             with torch.inference_mode(), autocast(self.device, self.params.dtype):
-                while True:
-                    with torch_threads(decode_threads):
-                        batch = next(batches, None)
-                    if batch is None:
-                        break
-                    pos, pixels, failed = batch
+                for pos, pixels, failed in self.batches(jobs):
                     failures.update(failed)
                     if pixels is not None:
                         x = pixels.to(self.device, non_blocking=True)  # (B, 3, H, W)
