@@ -6,7 +6,7 @@
 Prints the top operators by self CPU time for (1) ``--steps`` training steps of `cammsr.train.train_epoch`'s
 loop and (2) a full-ranking pass of `cammsr.ranking.rank_targets` over ``--eval-users`` test users,
 plus plain wall and CPU times without the profiler. Use it before and after a change to see what it
-bought; ``--malloc default`` leaves glibc's allocator as it is (no `cammsr.train.tune_glibc_malloc`)
+bought; ``--malloc default`` leaves glibc's allocator as it is (no `cammsr.malloc.tune_glibc_malloc`)
 and ``--ce dense`` swaps the chunked CE for ``F.cross_entropy`` on the whole score matrix.
 """
 
@@ -25,11 +25,11 @@ import torch.nn.functional as F
 import cammsr.model.cammsr as model_mod
 from cammsr.batches import bucketed_batches, pad_right, training_pairs
 from cammsr.config import load_params
+from cammsr.malloc import tune_glibc_malloc
 from cammsr.model_io import build_model
 from cammsr.paths import CatalogPaths
 from cammsr.ranking import rank_targets
 from cammsr.splits import load_splits
-from cammsr.train import tune_glibc_malloc
 
 
 def train_steps(model, opt, inputs, targets, batches) -> None:

@@ -16,6 +16,7 @@ import torch
 
 from cammsr.atomic import atomic_path, write_json_atomic
 from cammsr.config import EvaluateParams, ProjectParams, SplitParams
+from cammsr.malloc import tune_glibc_malloc
 from cammsr.metrics import metrics_from_ranks
 from cammsr.model import CAMMSR
 from cammsr.model_io import load_checkpoint
@@ -85,6 +86,7 @@ def run_evaluate(name: str, split_params: SplitParams, params: EvaluateParams, p
                  paths: CatalogPaths) -> StageSummary:
     """Test (and valid) metrics for the best checkpoint and for most-popular on the same split."""
     t0 = time.perf_counter()
+    tune_glibc_malloc()  # score matrices of every batch are reused, not page-faulted in again
     device = pick_device(project.device)
     split = load_splits(paths.splits_dir)
     model, ckpt = load_checkpoint(paths.checkpoint, split, paths, map_location=device)

@@ -8,6 +8,7 @@ ranks every target last, never first.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -26,14 +27,45 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
     Returns:
         LongTensor [B]: number of items that score >= the target, excluding the target itself.
+
+    Two passes over the scores: a row max (NaN propagates through it, so NaN or +inf anywhere in a
+    row shows up there) and the count. On CPU the count runs in numpy over row blocks on
+    ``torch.get_num_threads()`` threads: torch's bool ``sum`` over [B, N] took 4x longer than the
+    numpy compare + ``count_nonzero`` (benchmarks/README.md).
     """
+    scores = scores.detach()
     target_scores = scores.gather(1, targets[:, None])  # [B, 1]
     if not torch.isfinite(target_scores).all():
         bad = (~torch.isfinite(target_scores.squeeze(1))).nonzero().squeeze(1)[:5].tolist()
         raise NonFiniteScoresError(f"non-finite target score for batch rows {bad}: ranking stopped")
-    if torch.isnan(scores).any() or torch.isposinf(scores).any():
+    row_max = scores.amax(dim=1)  # [B]
+    if torch.isnan(row_max).any() or torch.isposinf(row_max).any():
         raise NonFiniteScoresError("NaN or +inf among item scores: ranking stopped")
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        return torch.from_numpy(_count_at_least(scores.contiguous().numpy(), target_scores.numpy())) - 1
     return (scores >= target_scores).sum(dim=1) - 1
+
+
+_ROW_BLOCK = 64  # rows per numpy block: [64, N] bools stay in cache between the compare and the count
+
+
+def _count_at_least(scores: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Per row, the number of entries >= that row's threshold: scores [B, N], thresholds [B, 1] -> [B]."""
+    out = np.empty(len(scores), dtype=np.int64)
+
+    def block(start: int) -> None:
+        stop = start + _ROW_BLOCK
+        out[start:stop] = np.count_nonzero(scores[start:stop] >= thresholds[start:stop], axis=1)
+
+    starts = range(0, len(scores), _ROW_BLOCK)
+    threads = min(torch.get_num_threads(), len(starts))
+    if threads <= 1:
+        for start in starts:
+            block(start)
+    else:  # numpy releases the GIL in the compare and the count
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(block, starts))
+    return out
 
 
 def metrics_from_ranks(ranks: np.ndarray, ks: Iterable[int]) -> dict[str, float]:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -16,6 +14,7 @@ from tqdm import tqdm
 from cammsr.atomic import atomic_path
 from cammsr.batches import bucketed_batches, pad_right, training_pairs
 from cammsr.config import EvaluateParams, ProjectParams, SplitParams, TrainParams
+from cammsr.malloc import tune_glibc_malloc
 from cammsr.metrics import metrics_from_ranks
 from cammsr.model import CAMMSR
 from cammsr.model_io import build_model, save_checkpoint
@@ -36,26 +35,6 @@ class EpochResult:
     valid: dict[str, float]
     seconds: float
     sequences_per_s: float
-
-
-def tune_glibc_malloc(trim_threshold: int = 2**31 - 1) -> bool:
-    """Keep large freed buffers in the heap for reuse instead of unmapping them (glibc only).
-
-    Every step allocates score matrices of [targets, items] floats (hundreds of MB); glibc serves
-    allocations this large with mmap and unmaps them on free, so each step page-faults them in again
-    (measured: the CE step 1.6x slower, a quarter of the time in the kernel). This is what
-    ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` in the environment does, applied from inside
-    the process; left alone when the environment already sets either. Cost: RSS stays near its peak.
-    Returns True when applied.
-    """
-    if not sys.platform.startswith("linux") or {"MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_"} & set(os.environ):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4  # glibc <malloc.h>
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, trim_threshold))
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to tune
-        return False
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

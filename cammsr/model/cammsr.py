@@ -83,13 +83,27 @@ class Block(nn.Module):
         self.norm2 = make_norm(block_norm, d, cfg.dyt_alpha_init)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [S, L, d]
+    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [S, L, d] -> [S, L, d]; with ``last`` (LongTensor [S]) only that position's output, [S, 1, d].
+
+        ``last`` serves scoring, which needs one position per sequence: keys and values still come
+        from every position up to it, but the query, projection, norms and feed-forward run on one.
+        """
         S, L, d = x.shape
         q, k, v = self.qkv(x).view(S, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [S, h, L, d/h]
-        # Right padding + a causal mask: a real position never sees a later one, nor padding.
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
-        a = a.transpose(1, 2).reshape(S, L, d)  # [S, L, d]
+        if last is None:
+            # Right padding + a causal mask: a real position never sees a later one, nor padding.
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.attn_dropout if self.training else 0.0)
+            a = a.transpose(1, 2).reshape(S, L, d)  # [S, L, d]
+        else:
+            rows = torch.arange(S, device=x.device)
+            q = q[rows, :, last][:, :, None]  # [S, h, 1, d/h]
+            visible = torch.arange(L, device=x.device)[None, :] <= last[:, None]  # [S, L] causal row of `last`
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :],
+                                               dropout_p=self.attn_dropout if self.training else 0.0)
+            a = a.reshape(S, 1, d)  # [S, h, 1, d/h] -> [S, 1, d]
+            x = x[rows, last][:, None]  # [S, 1, d]
         x = self.norm1(x + self.drop(self.proj(a)))
         return self.norm2(x + self.drop(self.ff(x)))
 
@@ -188,15 +202,19 @@ class CAMMSR(nn.Module):
         return refined, w, logits
 
     # ---- sequence encoder ------------------------------------------------------------------
-    def encode(self, seqs: torch.Tensor, norms: list[str]) -> torch.Tensor:
-        """Stacked sequences [S, B, L, d] (one per entry of ``norms``) -> outputs [S, B, L, d]."""
+    def encode(self, seqs: torch.Tensor, norms: list[str], last: torch.Tensor | None = None) -> torch.Tensor:
+        """Stacked sequences [S, B, L, d] (one per entry of ``norms``) -> outputs [S, B, L, d].
+
+        With ``last`` (LongTensor [B]) only each sequence's output at that position: [S, B, 1, d].
+        """
         S, B, L, d = seqs.shape
         x = seqs + self.pos_emb.weight[:L]  # one learned position embedding added to each sequence
         x = torch.stack([self.input_norm[n](x[i]) for i, n in enumerate(norms)])  # DyT (or LayerNorm)
         x = self.drop(x).view(S * B, L, d)  # all modalities and views in one pass: shared weights
-        for block in self.blocks:
-            x = block(x)
-        return x.view(S, B, L, d)
+        for i, block in enumerate(self.blocks):
+            final = last is not None and i == len(self.blocks) - 1
+            x = block(x, last.repeat(S) if final else None)
+        return x.view(S, B, -1, d)
 
     def forward(self, seq: torch.Tensor, targets: torch.Tensor | None = None, normalizer: float | None = None):
         """Outputs of ``seq`` (LongTensor [B, L], right-padded), or with ``targets`` the training loss.
@@ -207,8 +225,11 @@ class CAMMSR(nn.Module):
             return self.loss(seq, targets, normalizer)
         return self.encode_views(seq)
 
-    def encode_views(self, seq: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        """seq: LongTensor [B, L] right-padded item indices -> per-modality outputs and auxiliaries."""
+    def encode_views(self, seq: torch.Tensor, last: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+        """seq: LongTensor [B, L] right-padded item indices -> per-modality outputs and auxiliaries.
+
+        ``last`` (LongTensor [B]): compute ``z`` only at that position of each sequence ([M, B, 1, d]).
+        """
         items, inverse = torch.unique(seq, return_inverse=True)  # [U], [B, L]
         refined, w, cat_logits = self.camoe(items)
         views = [refined[m][inverse] for m in self.mods]  # M x [B, L, d]
@@ -220,7 +241,7 @@ class CAMMSR(nn.Module):
             swap = (torch.rand(seq.shape, device=seq.device) < self.cfg.swap_prob) & (seq > 0)  # [B, L]
             views += [torch.where(swap[..., None], v, t), torch.where(swap[..., None], t, v)]
             norms += ["text", "image"]
-        z = self.encode(torch.stack(views), norms)  # [S, B, L, d]
+        z = self.encode(torch.stack(views), norms, last)  # [S, B, L or 1, d]
         M = len(self.mods)
         return {"z": z[:M], "swap_views": z[M:] if do_swap else None, "cat_logits": cat_logits,
                 "unique_items": items, "weights": w}
@@ -278,9 +299,8 @@ class CAMMSR(nn.Module):
     @torch.no_grad()
     def score_last(self, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Scores of every item after each user's last position: seq [B, L], lengths [B] -> [B, N+1]."""
-        z = self.encode_views(seq)["z"]  # [M, B, L, d]
-        rows = torch.arange(len(seq), device=seq.device)
-        return self.scores(z[:, rows, lengths - 1])
+        z = self.encode_views(seq, last=lengths - 1)["z"]  # [M, B, 1, d]: only the last position
+        return self.scores(z[:, :, 0])
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -50,6 +50,24 @@ def test_non_finite_scores_stop_ranking(bad):
         target_ranks(scores, TARGETS)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_fast_path_equals_the_plain_count_on_many_row_blocks(threads):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 50, (300, 400), generator=g).float()  # many ties, several row blocks
+    scores[:, 0] = NEG
+    targets = torch.randint(1, 400, (300,), generator=g)
+    expected = (scores >= scores.gather(1, targets[:, None])).sum(1) - 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert torch.equal(target_ranks(scores, targets), expected)
+        scores[250, 399] = float("nan")  # a NaN in a late block, far from the target
+        with pytest.raises(NonFiniteScoresError):
+            target_ranks(scores, targets)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_rank_targets_masks_history_but_not_the_target():
     table = torch.tensor([0.0, 5.0, 4.0, 3.0, 2.0, 1.0])  # item 1 best ... item 5 worst
 

@@ -89,6 +89,18 @@ def test_eval_scores_are_finite_with_padding():
     assert torch.isfinite(s[:, 1:]).all() and torch.isinf(s[:, 0]).all()
 
 
+@pytest.mark.parametrize("overrides", [{}, {"dyt_scope": "all"}, {"norm": "layernorm", "use_text": False,
+                                                                     "use_image": False, "num_experts": 0}])
+def test_score_last_computes_only_the_last_position_yet_equals_the_full_pass(overrides):
+    model = make_model(**overrides).eval()
+    seq = torch.tensor([[1, 2, 3, 4, 5, 6], [4, 9, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0], [8, 3, 2, 1, 0, 0]])
+    lengths = torch.tensor([6, 2, 1, 4])
+    with torch.no_grad():
+        z = model.encode_views(seq)["z"]  # [M, B, L, d]: every position
+        full = model.scores(z[:, torch.arange(4), lengths - 1])
+    assert torch.allclose(model.score_last(seq, lengths), full, atol=1e-5)
+
+
 def test_loss_parts_and_backward():
     model = make_model(swap_prob=0.5).train()
     seq = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
