@@ -16,12 +16,12 @@ import logging
 import time
 from pathlib import Path
 
-from cammsr.atomic import write_parquet_atomic
+from cammsr.atomic import atomic_path, write_parquet_atomic
 from cammsr.config import CatalogParams, IngestParams
 from cammsr.download import FetchResult, RetryPolicy, download_sources
 from cammsr.formats import SourceReader
 from cammsr.images import fetch_images, missing_images_table
-from cammsr.normalize import build_interactions, build_items, count_distinct, item_order
+from cammsr.normalize import build_items, write_interactions
 from cammsr.paths import CatalogPaths
 from cammsr.quarantine import Quarantine, check_fraction
 from cammsr.summary import StageSummary
@@ -68,28 +68,28 @@ def run_ingest(
     reviews_file, meta_file = fetched[0], (fetched[1] if catalog.meta else None)
     notes: list[str] = []
 
-    with Quarantine(paths.quarantine) as quarantine:
-        reviews = SourceReader(reviews_file.path, "reviews", quarantine, _label(reviews_file, paths))
-        notes.append(f"reviews: {catalog.reviews} ({reviews.format or 'no valid record'})")
-        interactions, duplicates = build_interactions(reviews)
-        lines = {reviews.file: reviews.lines}  # records read per file, for the quarantine ceiling
-        item_ids = item_order(interactions)
-        meta_lines = 0
-        if meta_file is not None:
-            metas = SourceReader(meta_file.path, "meta", quarantine, _label(meta_file, paths))
-            notes.append(f"meta: {catalog.meta} ({metas.format or 'no valid record'})")
-            items, stats = build_items(item_ids, metas, category_level=params.category_level,
-                                       meta_url=catalog.meta)
-            meta_lines = lines[metas.file] = metas.lines
-        else:
-            items, stats = build_items(item_ids, [], category_level=params.category_level, meta_url=None)
-            notes.append("meta: none (every item has null metadata and category 'unknown')")
-    check_fraction(quarantine.counts, lines, params.max_quarantine_fraction, paths.quarantine)
-    if interactions.num_rows == 0:
-        raise IngestError(f"{catalog.reviews}: no valid review in {reviews.lines} records "
-                          f"(see {paths.quarantine})")
-
-    write_parquet_atomic(paths.interactions, interactions)
+    # Interactions stream straight to disk; the file replaces the old one only once every check passed.
+    with atomic_path(paths.interactions, suffix=".parquet") as staged:
+        with Quarantine(paths.quarantine) as quarantine:
+            reviews = SourceReader(reviews_file.path, "reviews", quarantine, _label(reviews_file, paths))
+            notes.append(f"reviews: {catalog.reviews} ({reviews.format or 'no valid record'})")
+            interactions = write_interactions(reviews, staged)
+            lines = {reviews.file: reviews.lines}  # records read per file, for the quarantine ceiling
+            item_ids = interactions.item_ids
+            meta_lines = 0
+            if meta_file is not None:
+                metas = SourceReader(meta_file.path, "meta", quarantine, _label(meta_file, paths))
+                notes.append(f"meta: {catalog.meta} ({metas.format or 'no valid record'})")
+                items, stats = build_items(item_ids, metas, category_level=params.category_level,
+                                           meta_url=catalog.meta)
+                meta_lines = lines[metas.file] = metas.lines
+            else:
+                items, stats = build_items(item_ids, [], category_level=params.category_level, meta_url=None)
+                notes.append("meta: none (every item has null metadata and category 'unknown')")
+        check_fraction(quarantine.counts, lines, params.max_quarantine_fraction, paths.quarantine)
+        if interactions.rows == 0:
+            raise IngestError(f"{catalog.reviews}: no valid review in {reviews.lines} records "
+                              f"(see {paths.quarantine})")
     write_parquet_atomic(paths.items, items)
 
     image_urls = list(zip(items["item_id"].to_pylist(), items["image_url"].to_pylist(), strict=True))
@@ -110,9 +110,9 @@ def run_ingest(
         catalog=name,
         counts={
             "reviews_lines": reviews.lines,
-            "interactions": interactions.num_rows,
-            "duplicates_dropped": duplicates,
-            "users": count_distinct(interactions, "user_id"),
+            "interactions": interactions.rows,
+            "duplicates_dropped": interactions.duplicates,
+            "users": interactions.users,
             "items": items.num_rows,
             "items_without_meta": stats.items_without_meta,
             "meta_lines": meta_lines,

@@ -7,19 +7,24 @@ order (the split's stable sort by timestamp keeps it for ties), minus exact dupl
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from cammsr.download import resolve_reference
 from cammsr.formats import ItemMeta, Review
 
 log = logging.getLogger(__name__)
 
-BATCH_ROWS = 100_000  # rows per Arrow batch while streaming: bounded Python lists, few batches
+BATCH_ROWS = 20_000  # rows per Arrow batch while streaming: bounded Python lists (~5 MB), few batches
 UNKNOWN_CATEGORY = "unknown"
 
 INTERACTIONS_SCHEMA = pa.schema(
@@ -51,51 +56,108 @@ class ItemsStats:
     meta_duplicates: int  # later records of an item already described (the first one wins)
 
 
-def build_interactions(reviews: Iterable[Review], batch_rows: int = BATCH_ROWS) -> tuple[pa.Table, int]:
-    """Stream ``reviews`` into an interactions table (raw order); drop exact duplicates.
+@dataclass(frozen=True)
+class InteractionsStats:
+    rows: int  # interactions written (duplicates dropped)
+    duplicates: int  # later reviews with the (user_id, item_id, timestamp) of an earlier one
+    users: int  # distinct users
+    item_ids: list[str]  # distinct items in order of first appearance
+
+
+def write_interactions(reviews: Iterable[Review], path: str | Path, batch_rows: int = BATCH_ROWS
+                       ) -> InteractionsStats:
+    """Stream ``reviews`` into ``INTERACTIONS_SCHEMA`` Parquet at ``path`` (raw order), exact duplicates dropped.
 
     A duplicate is a later review with the same (user_id, item_id, timestamp) as an earlier one.
-
-    Returns:
-        The table (``INTERACTIONS_SCHEMA``) and the number of duplicates dropped.
+    Rows go to disk a batch at a time; what stays in memory is one 64-bit hash per row (8 bytes)
+    and the distinct user and item ids. Rows whose hash occurs more than once are compared exactly
+    in a second pass over the written file, so a hash collision never drops a review.
     """
-    batches: list[pa.RecordBatch] = []
-    users: list[str] = []
-    items: list[str] = []
-    times: list[int] = []
-    ratings: list[float | None] = []
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".pass1", dir=path.parent)
+    os.close(fd)
+    first_pass = Path(name)
+    hashes: list[np.ndarray] = []
+    users: set[str] = set()
+    items: dict[str, None] = {}  # insertion-ordered: first appearance
+    try:
+        with pq.ParquetWriter(first_pass, INTERACTIONS_SCHEMA, compression="zstd") as writer:
+            for batch in _review_batches(reviews, batch_rows):
+                writer.write_batch(batch)
+                hashes.append(_key_hashes(batch))
+                users.update(pl.from_arrow(batch.column("user_id")).unique().to_list())
+                items.update(dict.fromkeys(pl.from_arrow(batch.column("item_id")).unique(maintain_order=True)))
+        row_hashes = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+        repeated = _repeated(row_hashes)
+        if repeated.size == 0:
+            os.replace(first_pass, path)
+            duplicates = 0
+        else:
+            duplicates = _copy_without_duplicates(first_pass, path, row_hashes, repeated, batch_rows)
+    finally:
+        first_pass.unlink(missing_ok=True)
+    return InteractionsStats(len(row_hashes) - duplicates, duplicates, len(users), list(items))
 
-    def flush() -> None:
-        arrays = [pa.array(users, pa.string()), pa.array(items, pa.string()), pa.array(times, pa.int64()),
-                  pa.array(ratings, pa.float32())]
-        batches.append(pa.RecordBatch.from_arrays(arrays, schema=INTERACTIONS_SCHEMA))
-        for column in (users, items, times, ratings):
-            column.clear()
 
+def _review_batches(reviews: Iterable[Review], batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """Reviews -> Arrow record batches of at most ``batch_rows`` rows (bounded Python lists)."""
+    columns: tuple[list, ...] = ([], [], [], [])
     for review in reviews:
-        users.append(review.user_id)
-        items.append(review.item_id)
-        times.append(review.timestamp)
-        ratings.append(review.rating)
-        if len(users) >= batch_rows:
-            flush()
-    if users or not batches:
-        flush()
-    table = pa.Table.from_batches(batches, schema=INTERACTIONS_SCHEMA)
-    first = (
-        pl.from_arrow(table.select(["user_id", "item_id", "timestamp"]))
-        .select(pl.struct("user_id", "item_id", "timestamp").is_first_distinct())
-        .to_series()
-    )
-    duplicates = int((~first).sum())
-    if duplicates:
-        table = table.filter(pa.array(first.to_numpy()))
-    return table.combine_chunks(), duplicates
+        for column, value in zip(columns, (review.user_id, review.item_id, review.timestamp, review.rating),
+                                 strict=True):
+            column.append(value)
+        if len(columns[0]) >= batch_rows:
+            yield _to_batch(columns)
+    if columns[0]:
+        yield _to_batch(columns)
 
 
-def item_order(interactions: pa.Table) -> list[str]:
-    """Distinct item ids in order of first appearance in ``interactions``."""
-    return pl.from_arrow(interactions.select(["item_id"]))["item_id"].unique(maintain_order=True).to_list()
+def _to_batch(columns: tuple[list, ...]) -> pa.RecordBatch:
+    arrays = [pa.array(values, field.type) for values, field in zip(columns, INTERACTIONS_SCHEMA, strict=True)]
+    for values in columns:
+        values.clear()
+    return pa.RecordBatch.from_arrays(arrays, schema=INTERACTIONS_SCHEMA)
+
+
+def _key_hashes(batch: pa.RecordBatch) -> np.ndarray:
+    """uint64 hash of each row's (user_id, item_id, timestamp); equal keys give equal hashes."""
+    frame = pl.from_arrow(pa.Table.from_batches([batch]).select(["user_id", "item_id", "timestamp"]))
+    return frame.select(pl.struct(pl.all()).hash(seed=0)).to_series().to_numpy()
+
+
+def _repeated(hashes: np.ndarray) -> np.ndarray:
+    """Sorted distinct values that occur more than once in ``hashes``."""
+    ordered = np.sort(hashes)
+    return np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+
+
+def _copy_without_duplicates(source: Path, target: Path, row_hashes: np.ndarray, repeated: np.ndarray,
+                             batch_rows: int) -> int:
+    """Copy ``source`` to ``target`` minus exact duplicate keys (the first is kept); returns how many were dropped."""
+    seen: set[tuple[str, str, int]] = set()  # exact keys of the rows whose hash repeats, only
+    dropped = offset = 0
+    with pq.ParquetWriter(target, INTERACTIONS_SCHEMA, compression="zstd") as writer:
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
+            suspects = np.flatnonzero(np.isin(row_hashes[offset:offset + len(batch)], repeated))
+            offset += len(batch)
+            keep = np.ones(len(batch), dtype=bool)
+            keys = zip(*(batch.column(c).take(pa.array(suspects)).to_pylist()
+                         for c in ("user_id", "item_id", "timestamp")), strict=True)
+            for row, key in zip(suspects, keys, strict=True):
+                if key in seen:
+                    keep[row] = False
+                    dropped += 1
+                else:
+                    seen.add(key)
+            writer.write_batch(batch if keep.all() else batch.filter(pa.array(keep)))
+    return dropped
+
+
+def _columns_to_batch(columns: dict[str, list]) -> pa.RecordBatch:
+    batch = pa.RecordBatch.from_pydict(columns, schema=ITEMS_SCHEMA)
+    for values in columns.values():
+        values.clear()
+    return batch
 
 
 def category_label(categories: Sequence[str], level: int) -> str:
@@ -112,36 +174,44 @@ def build_items(
 
     Args:
         item_ids: the items of the interactions, in the order the rows should have.
-        metas: parsed metadata records (streamed; only reviewed items are kept in memory).
+        metas: parsed metadata records (streamed; only reviewed items are kept, as Arrow batches).
         category_level: index into the category path used as the label.
         meta_url: the metadata file's URL; relative image URLs are resolved against it.
     """
     wanted = set(item_ids)
-    found: dict[str, ItemMeta] = {}
+    row_of: dict[str, int] = {}  # item -> its row among the described items, in metadata order
+    columns: dict[str, list] = {name: [] for name in ITEMS_SCHEMA.names}
+    batches: list[pa.RecordBatch] = []  # described items as Arrow: compact, unlike ItemMeta objects
     unused = duplicates = 0
     for meta in metas:
         if meta.item_id not in wanted:
             unused += 1
-        elif meta.item_id in found:
+            continue
+        if meta.item_id in row_of:
             duplicates += 1
-        else:
-            found[meta.item_id] = meta
-    columns: dict[str, list] = {name: [] for name in ITEMS_SCHEMA.names}
-    for item_id in item_ids:
-        meta = found.get(item_id)
-        categories = list(meta.categories) if meta else []
-        image = meta.image_url if meta else None
-        columns["item_id"].append(item_id)
-        columns["title"].append(meta.title if meta else None)
-        columns["description"].append(meta.description if meta else None)
-        columns["brand"].append(meta.brand if meta else None)
+            continue
+        row_of[meta.item_id] = len(row_of)
+        categories = list(meta.categories)
+        image = meta.image_url
+        columns["item_id"].append(meta.item_id)
+        columns["title"].append(meta.title)
+        columns["description"].append(meta.description)
+        columns["brand"].append(meta.brand)
         columns["categories"].append(categories)
         columns["category"].append(category_label(categories, category_level))
         columns["image_url"].append(resolve_reference(meta_url, image) if image and meta_url else image)
-    table = pa.Table.from_pydict(columns, schema=ITEMS_SCHEMA)
+        if len(columns["item_id"]) >= BATCH_ROWS:
+            batches.append(_columns_to_batch(columns))
+    batches.append(_columns_to_batch(columns))
+    described = pa.Table.from_batches(batches, schema=ITEMS_SCHEMA)
+    batches.clear()
+    rows = described.take(pa.array([row_of.get(item_id) for item_id in item_ids], pa.int64()))  # null: no meta
+    del described
+    table = pa.Table.from_arrays([
+        pa.array(item_ids, pa.string()), rows["title"], rows["description"], rows["brand"],
+        pc.fill_null(rows["categories"], pa.scalar([], ITEMS_SCHEMA.field("categories").type)),
+        pc.fill_null(rows["category"], UNKNOWN_CATEGORY), rows["image_url"],
+    ], schema=ITEMS_SCHEMA)
+    found = row_of
     stats = ItemsStats(len(item_ids) - len(found), unused, duplicates)
     return table, stats
-
-
-def count_distinct(table: pa.Table, column: str) -> int:
-    return int(pc.count_distinct(table[column]).as_py())
