@@ -2,6 +2,7 @@
 
 import gzip
 import json
+from pathlib import Path
 
 import yaml
 
@@ -34,3 +35,34 @@ def test_epoch_stats_give_medians_and_best():
     assert s["epoch_s"] == 20 and s["epoch_cpu_s"] == 36 and s["epoch_best_s"] == 10 and s["epoch_cpu_best_s"] == 18
     assert s["targets_per_s"] == 100  # from the best epoch
     assert s["eval_s"] == 3 and s["eval_best_s"] == 2 and s["eval_users_per_s"] == 150
+
+
+def test_eval_breakdown_times_each_fix_and_checks_old_and_new_ranks_agree(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import torch
+
+    from benchmarks import eval_breakdown
+    from cammsr.config import EvaluateParams, ProjectParams, SplitParams, TrainParams
+    from cammsr.splits import run_split
+    from cammsr.train import run_train
+    from tests.cammsr.conftest import write_tiny_catalog
+
+    paths = write_tiny_catalog(tmp_path)
+    run_split("tiny", SplitParams(), paths)
+    run_train("tiny", TrainParams(model="sasrec", epochs=1, hidden_size=16, num_layers=2, num_heads=1, ffn_size=32,
+                                  batch_size=32), SplitParams(), EvaluateParams(), ProjectParams(device="cpu"), paths)
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["project"]["data_dir"] = str(tmp_path / "data")
+    params["catalogs"] = {"tiny": {"reviews": "file:unused.json.gz", "images": False}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setattr(sys, "argv", ["eval_breakdown", "--catalog", "tiny", "--params", str(tmp_path / "params.yaml"),
+                                      "--batch-size", "50", "--repeats", "1", "--threads", "1"])
+    threads = torch.get_num_threads()
+    try:
+        eval_breakdown.main()  # asserts inside: identical rank counts, last-position encoder == full pass
+    finally:
+        torch.set_num_threads(threads)
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["users"] == 120 and result["items"] == 40 and result["batch_size"] == 50
+    assert result["rank_targets_s"] > 0 and result["encoder_speedup"] > 0
