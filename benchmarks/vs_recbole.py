@@ -13,7 +13,9 @@ What runs, each side in its own process (peak RSS is that process's own):
    anomaly detection off, ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000``) and our SASRec
    (`benchmarks/ours_run.py`, the real trainer), same config: d 64, 2 layers, 2 heads, FFN 256,
    dropout 0.5, CE over all items, max length 50, lr 1e-3, Adam(W) without weight decay;
-3. our CAMMSR for the timing epochs, on whatever feature stores the catalog has;
+3. our CAMMSR for the timing epochs, on whatever feature stores the catalog has (toys: none, so ID
+   only), and with ``--cammsr-synthetic-features`` also with id+text+image on random stores of the
+   real encoder widths (384, 512) beside the same split: the cost of all three modalities;
 4. RecBole's valid and test targets (and test histories) checked against our split.
 
 Counting: RecBole trains one augmented prefix per target (``train_targets`` = its training rows);
@@ -45,6 +47,7 @@ from cammsr.config import load_params
 from cammsr.export_recbole import check_targets, export_dir, run_export_recbole
 from cammsr.paths import CatalogPaths
 from cammsr.splits import load_splits
+from features.store import FeatureRows, write_rows
 
 log = logging.getLogger("vs_recbole")
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +85,31 @@ def prepare(catalog: str, params_path: Path) -> CatalogPaths:
     return paths
 
 
+SYNTHETIC_DIMS = {"text": 384, "image": 512}  # all-MiniLM-L6-v2 and CLIP ViT-B-32 widths
+
+
+def synthetic_feature_catalog(catalog: str, paths: CatalogPaths, seed: int = 0) -> str:
+    """A sibling catalog ``<catalog>-synthetic-features``: the same split (a symlink) plus text and image
+    stores of random vectors at real encoder widths, so CAMMSR's epoch can be timed with all three
+    modalities on a catalog that has no text or images. Timing only: the vectors carry no signal.
+    """
+
+    name = f"{catalog}-synthetic-features"
+    twin = CatalogPaths.of(name, paths.root.parent)
+    twin.root.mkdir(parents=True, exist_ok=True)
+    if not twin.splits_dir.exists():
+        twin.splits_dir.symlink_to(paths.splits_dir.resolve(), target_is_directory=True)
+    items = load_splits(paths.splits_dir).item_ids
+    rng = np.random.default_rng(seed)
+    for modality, dim in SYNTHETIC_DIMS.items():
+        store = twin.features_dir / f"{modality}.parquet"
+        if not store.exists():
+            write_rows(store, FeatureRows(list(items), ["synthetic"] * len(items),
+                                          rng.standard_normal((len(items), dim), dtype=np.float32),
+                                          {"modality": modality, "model": "synthetic random vectors (timing only)"}))
+    return name
+
+
 def _run(cmd: list[str], env: dict[str, str], what: str) -> None:
     log.info("%s: %s", what, " ".join(cmd))
     t0 = time.perf_counter()
@@ -105,9 +133,10 @@ def run_recbole(args, paths: CatalogPaths, seed: int, epochs: int, out: Path) ->
     return json.loads(out.read_text())
 
 
-def run_ours(args, model: str, seed: int, epochs: int, batch: int, out: Path) -> dict:
+def run_ours(args, model: str, seed: int, epochs: int, batch: int, out: Path, catalog: str | None = None) -> dict:
     if not out.exists() or args.rerun:
-        cmd = [sys.executable, "-m", "benchmarks.ours_run", "--catalog", args.catalog, "--params", str(args.params),
+        cmd = [sys.executable, "-m", "benchmarks.ours_run", "--catalog", catalog or args.catalog,
+               "--params", str(args.params),
                "--model", model, "--epochs", str(epochs), "--patience", str(args.patience), "--seed", str(seed),
                "--threads", str(args.threads), "--batch-size", str(batch), "--run-dir", str(out.with_suffix("")),
                "--out", str(out)]
@@ -145,6 +174,9 @@ def main() -> None:
     ap.add_argument("--batch-targets", type=int, default=2048, help="targets per optimizer step (RecBole: 2048)")
     ap.add_argument("--quick", action="store_true", help="1 epoch, seed 0")
     ap.add_argument("--skip-cammsr", action="store_true")
+    ap.add_argument("--cammsr-synthetic-features", action="store_true",
+                    help="also time CAMMSR with id+text+image on random 384/512-d feature stores "
+                         "(for catalogs without text or images, like toys)")
     ap.add_argument("--recbole-python", type=Path, default=Path(".venv-recbole/bin/python"))
     ap.add_argument("--out-dir", type=Path, default=BENCH / "vs_recbole")
     ap.add_argument("--rerun", action="store_true", help="ignore cached run results")
@@ -168,6 +200,11 @@ def main() -> None:
     ours = {s: run_ours(args, "sasrec", s, args.epochs, batch, out / f"sasrec-s{s}-{tag}-b{batch}.json") for s in seeds}
     cammsr = None if args.skip_cammsr else run_ours(args, "cammsr", seeds[0], min(args.epochs, 2), batch,
                                                      out / f"cammsr-s{seeds[0]}-e{min(args.epochs, 2)}-b{batch}.json")
+    cammsr_mm = None
+    if args.cammsr_synthetic_features and not args.skip_cammsr:
+        twin = synthetic_feature_catalog(args.catalog, paths)
+        cammsr_mm = run_ours(args, "cammsr", seeds[0], min(args.epochs, 2), batch,
+                             out / f"cammsr-synthetic-s{seeds[0]}-e{min(args.epochs, 2)}-b{batch}.json", twin)
     rb = {s: run_recbole(args, paths, s, args.epochs, out / f"recbole-s{s}-{tag}.json") for s in seeds}
 
     r0, o0 = rb[seeds[0]], ours[seeds[0]]
@@ -176,6 +213,7 @@ def main() -> None:
               check_targets(split, "valid", dict(zip(r0["valid"]["users"], r0["valid"]["targets"], strict=True)))]
     rs, os_ = epoch_stats(r0, r0["train_targets"]), epoch_stats(o0, o0["train_targets"])
     cs = epoch_stats(cammsr, cammsr["train_targets"]) if cammsr else None
+    cms = epoch_stats(cammsr_mm, cammsr_mm["train_targets"]) if cammsr_mm else None
 
     def acc(side: str, key: str, metric: str) -> list[float]:
         if side == "recbole":
@@ -214,6 +252,11 @@ def main() -> None:
         rows.append(("CAMMSR best epoch s / ÷ SASRec's", f"modalities {'+'.join(cammsr['modalities'])}",
                      f"{cs['epoch_best_s']:.1f} / {cs['epoch_best_s'] / os_['epoch_best_s']:.2f}x"))
         rows.append(("CAMMSR peak RSS MB", "", f"{cammsr['peak_rss_mb']:.0f}"))
+    if cms:
+        rows.append(("CAMMSR, synthetic text+image, best epoch s / ÷",
+                     f"modalities {'+'.join(cammsr_mm['modalities'])}",
+                     f"{cms['epoch_best_s']:.1f} / {cms['epoch_best_s'] / os_['epoch_best_s']:.2f}x"))
+        rows.append(("CAMMSR, synthetic text+image, peak RSS MB", "", f"{cammsr_mm['peak_rss_mb']:.0f}"))
     width = max(len(r[0]) for r in rows)
     print(f"\n{args.catalog}: {split.num_items} items, {len(split.sequences)} users; {args.threads} threads, CPU; "
           f"RecBole {r0['torch']} with anomaly detection {'ON' if r0['anomaly_detection'] else 'off'} "
@@ -240,6 +283,8 @@ def main() -> None:
         "hr10_ours": round(mean(acc("ours", "unmasked", "hr@10")), 5),
         "hr10_recbole": round(mean(acc("recbole", "recbole", "hit@10")), 5),
         "cammsr_over_sasrec_epoch": round(cs["epoch_best_s"] / os_["epoch_best_s"], 2) if cs else None,
+        "cammsr_modalities": cammsr["modalities"] if cammsr else None,
+        "cammsr_synthetic_mm_over_sasrec_epoch": round(cms["epoch_best_s"] / os_["epoch_best_s"], 2) if cms else None,
         "epoch_best_s_recbole": round(rs["epoch_best_s"], 2), "epoch_best_s_ours": round(os_["epoch_best_s"], 2),
         "epoch_median_s_recbole": round(rs["epoch_s"], 2), "epoch_median_s_ours": round(os_["epoch_s"], 2),
         "peak_rss_mb_recbole": round(r0["peak_rss_mb"]), "peak_rss_mb_ours": round(o0["peak_rss_mb"]),

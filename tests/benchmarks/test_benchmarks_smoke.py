@@ -66,3 +66,23 @@ def test_eval_breakdown_times_each_fix_and_checks_old_and_new_ranks_agree(tmp_pa
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["users"] == 120 and result["items"] == 40 and result["batch_size"] == 50
     assert result["rank_targets_s"] > 0 and result["encoder_speedup"] > 0
+
+
+def test_synthetic_feature_twin_shares_the_split_and_gives_cammsr_three_modalities(tmp_path):
+    from benchmarks.vs_recbole import SYNTHETIC_DIMS, synthetic_feature_catalog
+    from cammsr.config import SplitParams, TrainParams
+    from cammsr.model_io import build_model
+    from cammsr.paths import CatalogPaths
+    from cammsr.splits import load_splits, run_split
+    from tests.cammsr.conftest import write_tiny_catalog
+
+    paths = write_tiny_catalog(tmp_path)
+    run_split("tiny", SplitParams(), paths)
+    name = synthetic_feature_catalog("tiny", paths)
+    twin = CatalogPaths.of(name, paths.root.parent)
+    split = load_splits(twin.splits_dir)
+    assert split.item_ids == load_splits(paths.splits_dir).item_ids
+    model = build_model(TrainParams(model="cammsr", hidden_size=16, num_heads=1), SplitParams(), split, twin, seed=0)
+    assert model.mods == ("id", "text", "image")
+    assert model.text_feats.shape[1] == SYNTHETIC_DIMS["text"] and model.image_feats.shape[1] == SYNTHETIC_DIMS["image"]
+    assert bool(model.text_present[1:].all()) and bool(model.image_present[1:].all())
