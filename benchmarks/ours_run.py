@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import cammsr.train as train_mod
-from cammsr.batches import training_pairs
+from cammsr.batches import bucketed_batches, training_pairs
 from cammsr.config import load_params
 from cammsr.metrics import metrics_from_ranks
 from cammsr.model_io import load_checkpoint
@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, required=True, help="sequences per step")
+    ap.add_argument("--batch-targets", type=int, default=None, help="fill steps by targets (train.batch_targets)")
+    ap.add_argument("--bucket-batches", type=int, default=None, help="default: train.bucket_batches")
     ap.add_argument("--eval-batch-size", type=int, default=None, help="default: evaluate.batch_size")
     ap.add_argument("--run-dir", type=Path, required=True, help="models/, metrics of this run")
     ap.add_argument("--out", type=Path, required=True)
@@ -62,7 +64,9 @@ def main() -> None:
     p = load_params(args.params)
     paths = CatalogPaths.of(args.catalog, p.project.data_dir).for_run(args.run_dir)
     train = p.train.model_copy(update={"model": args.model, "epochs": args.epochs, "patience": args.patience,
-                                       "batch_size": args.batch_size, "num_threads": args.threads})
+                                       "batch_size": args.batch_size, "num_threads": args.threads,
+                                       "batch_targets": args.batch_targets,
+                                       "bucket_batches": args.bucket_batches or p.train.bucket_batches})
     evaluate = p.evaluate if args.eval_batch_size is None else p.evaluate.model_copy(
         update={"batch_size": args.eval_batch_size})
     project = p.project.model_copy(update={"seed": args.seed, "device": "cpu"})
@@ -90,7 +94,10 @@ def main() -> None:
         "side": "ours", "model": args.model, "seed": args.seed, "threads": torch.get_num_threads(),
         "modalities": list(model.mods), "parameters": model.num_parameters(),
         "train_sequences": len(inputs), "train_targets": int(sum(len(s) for s in inputs)),
-        "steps_per_epoch": int(np.ceil(len(inputs) / args.batch_size)), "batch_size": args.batch_size,
+        "steps_per_epoch": len(list(bucketed_batches(np.array([len(s) for s in inputs]), train.batch_size,
+                                                      torch.Generator().manual_seed(0), train.bucket_batches,
+                                                      train.batch_targets))),
+        "batch_size": args.batch_size, "batch_targets": args.batch_targets, "bucket_batches": train.bucket_batches,
         "eval_batch_size": evaluate.batch_size, "test_users": len(targets), "valid_users": len(targets),
         "epochs_run": len(train_log), "best_epoch": int(ckpt.get("epoch", -1)),
         "train_epochs": train_log, "valid_passes": valid_log,

@@ -21,9 +21,11 @@ What runs, each side in its own process (peak RSS is that process's own):
 Counting: RecBole trains one augmented prefix per target (``train_targets`` = its training rows);
 we train whole sequences with a loss at every position (``train_targets`` = positions with a
 target). Both are the same (history, target) pairs, except that for a user with more than 51
-training items we keep only the last 50 targets. Batches: RecBole 2048 prefixes, ours
-``--batch-targets / mean targets per sequence`` sequences, so both take the same number of
-optimizer steps per epoch with the same targets per step. Speedups are throughput ratios (targets/s,
+training items we keep only the last 50 targets. Batches: RecBole 2048 prefixes, ours whole
+sequences up to ``--batch-targets`` (2048) targets per step (``train.batch_targets``), so both take
+the same number of optimizer steps per epoch and every target weighs the same in its step (a fixed
+number of sequences per step, bucketed by length, gave short sequences' targets up to 16x the
+weight of long ones' and learned slower: see benchmarks/README.md). Speedups are throughput ratios (targets/s,
 users/s), wall clock, of each side's best epoch / validation pass (on a shared machine other work
 only adds time); medians and CPU seconds are printed beside them.
 """
@@ -138,7 +140,8 @@ def run_ours(args, model: str, seed: int, epochs: int, batch: int, out: Path, ca
         cmd = [sys.executable, "-m", "benchmarks.ours_run", "--catalog", catalog or args.catalog,
                "--params", str(args.params),
                "--model", model, "--epochs", str(epochs), "--patience", str(args.patience), "--seed", str(seed),
-               "--threads", str(args.threads), "--batch-size", str(batch), "--run-dir", str(out.with_suffix("")),
+               "--threads", str(args.threads), "--batch-size", str(batch), "--batch-targets", str(args.batch_targets),
+               "--run-dir", str(out.with_suffix("")),
                "--out", str(out)]
         _run(cmd, thread_env(args.threads), f"our {model} seed {seed}")
     return json.loads(out.read_text())
@@ -197,14 +200,15 @@ def main() -> None:
     tag = f"e{args.epochs}-p{args.patience}-t{args.threads}"
     out = args.out_dir / args.catalog
 
-    ours = {s: run_ours(args, "sasrec", s, args.epochs, batch, out / f"sasrec-s{s}-{tag}-b{batch}.json") for s in seeds}
+    bt = f"bt{args.batch_targets}"
+    ours = {s: run_ours(args, "sasrec", s, args.epochs, batch, out / f"sasrec-s{s}-{tag}-{bt}.json") for s in seeds}
     cammsr = None if args.skip_cammsr else run_ours(args, "cammsr", seeds[0], min(args.epochs, 2), batch,
-                                                     out / f"cammsr-s{seeds[0]}-e{min(args.epochs, 2)}-b{batch}.json")
+                                                     out / f"cammsr-s{seeds[0]}-e{min(args.epochs, 2)}-{bt}.json")
     cammsr_mm = None
     if args.cammsr_synthetic_features and not args.skip_cammsr:
         twin = synthetic_feature_catalog(args.catalog, paths)
         cammsr_mm = run_ours(args, "cammsr", seeds[0], min(args.epochs, 2), batch,
-                             out / f"cammsr-synthetic-s{seeds[0]}-e{min(args.epochs, 2)}-b{batch}.json", twin)
+                             out / f"cammsr-synthetic-s{seeds[0]}-e{min(args.epochs, 2)}-{bt}.json", twin)
     rb = {s: run_recbole(args, paths, s, args.epochs, out / f"recbole-s{s}-{tag}.json") for s in seeds}
 
     r0, o0 = rb[seeds[0]], ours[seeds[0]]
@@ -225,7 +229,7 @@ def main() -> None:
         ("training targets / epoch", f"{r0['train_targets']} prefixes", f"{o0['train_targets']} positions in "
          f"{o0['train_sequences']} sequences"),
         ("optimizer steps / epoch (batch)", f"{r0['steps_per_epoch']} (2048 prefixes)",
-         f"{o0['steps_per_epoch']} ({batch} sequences)"),
+         f"{o0['steps_per_epoch']} (<= {args.batch_targets} targets)"),
         ("epoch wall s, best / median", f"{rs['epoch_best_s']:.1f} / {rs['epoch_s']:.1f}",
          f"{os_['epoch_best_s']:.1f} / {os_['epoch_s']:.1f}"),
         ("epoch CPU s, best / median", f"{rs['epoch_cpu_best_s']:.1f} / {rs['epoch_cpu_s']:.1f}",

@@ -33,18 +33,39 @@ def training_pairs(train_seqs: Sequence[np.ndarray], max_len: int) -> tuple[list
 
 
 def bucketed_batches(lengths: np.ndarray, batch_size: int, generator: torch.Generator,
-                     bucket_batches: int = 32) -> Iterator[np.ndarray]:
+                     bucket_batches: int = 32, max_targets: int | None = None) -> Iterator[np.ndarray]:
     """Shuffled index batches whose members have similar lengths.
 
     Users are shuffled, cut into windows of ``bucket_batches`` batches, sorted by length inside
     a window, batched, and the batches shuffled again: close to random order, little padding.
+    A batch is ``batch_size`` sequences, or with ``max_targets`` as many sequences as fit in that
+    many targets (``lengths`` counts each sequence's targets; a longer sequence is a batch alone):
+    then the loss, a mean over the batch's targets, gives every target the same weight in every
+    step, whatever the lengths the bucketing put together.
     """
     order = torch.randperm(len(lengths), generator=generator).numpy()
-    window = batch_size * bucket_batches
+    per_batch = batch_size if max_targets is None else max(1, round(max_targets / max(lengths.mean(), 1)))
+    window = per_batch * bucket_batches
     batches = []
     for start in range(0, len(order), window):
         chunk = order[start : start + window]
         chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+        if max_targets is None:
+            batches.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+        else:
+            batches.extend(_fill(chunk, lengths[chunk], max_targets))
     for j in torch.randperm(len(batches), generator=generator).tolist():
         yield batches[j]
+
+
+def _fill(indices: np.ndarray, lengths: np.ndarray, max_targets: int) -> list[np.ndarray]:
+    """Cut ``indices`` (in order) into runs whose lengths sum to at most ``max_targets`` (at least one each)."""
+    out, start, total = [], 0, 0
+    for k, n in enumerate(lengths):
+        if k > start and total + n > max_targets:
+            out.append(indices[start:k])
+            start, total = k, 0
+        total += n
+    if start < len(indices):
+        out.append(indices[start:])
+    return out

@@ -82,7 +82,8 @@ def setup_distributed(device_pref: str) -> tuple[Dist, torch.device]:
 
 def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, inputs: list[np.ndarray],
                 targets: list[np.ndarray], batch_size: int, gen: torch.Generator, device: torch.device, desc: str,
-                dist: Dist = Dist()) -> dict[str, float]:
+                dist: Dist = Dist(), batch_targets: int | None = None, bucket_batches: int = 32
+                ) -> dict[str, float]:
     """One pass over every training sequence; returns the mean of each loss part.
 
     Under DDP every rank draws the same global batches and takes every world-th sequence of each;
@@ -92,7 +93,7 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, inputs: list
     lengths = np.array([len(s) for s in inputs])
     sums: dict[str, float] = {}
     n_batches = 0
-    batches = list(bucketed_batches(lengths, batch_size, gen))
+    batches = list(bucketed_batches(lengths, batch_size, gen, bucket_batches, batch_targets))
     # disable=None: a bar on a terminal, none in logs (DVC, CI); per-epoch lines are logged anyway
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, mininterval=1.0, disable=None if dist.main else True)
     for global_idx in bar:
@@ -155,7 +156,7 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
     for epoch in range(start_epoch, train.epochs):
         te = time.perf_counter()
         loss = train_epoch(ddp, opt, inputs, targets, train.batch_size, gen, device, desc=f"epoch {epoch}",
-                           dist=dist)
+                           dist=dist, batch_targets=train.batch_targets, bucket_batches=train.bucket_batches)
         train_s = time.perf_counter() - te
         valid = validate(model, split, split_params.max_seq_len, evaluate, device)
         res = EpochResult(epoch, loss, valid, train_s, len(inputs) / max(train_s, 1e-9))
