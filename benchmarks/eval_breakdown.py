@@ -53,7 +53,7 @@ def old_target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     return (scores >= target_scores).sum(dim=1) - 1
 
 
-def main() -> None:
+def main() -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--catalog", required=True)
     ap.add_argument("--params", type=Path, required=True)
@@ -123,6 +123,7 @@ def main() -> None:
     print(f"{'after: rank_targets, whole pass':40} {t['rank_targets_s']:8.3f} s  ({result['pass_speedup']}x, "
           f"{result['users_per_s']} users/s)")
     print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":
