@@ -101,22 +101,24 @@ def write_interactions(reviews: Iterable[Review], path: str | Path, batch_rows: 
 
 def _review_batches(reviews: Iterable[Review], batch_rows: int) -> Iterator[pa.RecordBatch]:
     """Reviews -> Arrow record batches of at most ``batch_rows`` rows (bounded Python lists)."""
-    columns: tuple[list, ...] = ([], [], [], [])
+    columns: dict[str, list] = {name: [] for name in INTERACTIONS_SCHEMA.names}
     for review in reviews:
-        for column, value in zip(columns, (review.user_id, review.item_id, review.timestamp, review.rating),
-                                 strict=True):
-            column.append(value)
-        if len(columns[0]) >= batch_rows:
-            yield _to_batch(columns)
-    if columns[0]:
-        yield _to_batch(columns)
+        columns["user_id"].append(review.user_id)
+        columns["item_id"].append(review.item_id)
+        columns["timestamp"].append(review.timestamp)
+        columns["rating"].append(review.rating)
+        if len(columns["user_id"]) >= batch_rows:
+            yield _drain(columns, INTERACTIONS_SCHEMA)
+    if columns["user_id"]:
+        yield _drain(columns, INTERACTIONS_SCHEMA)
 
 
-def _to_batch(columns: tuple[list, ...]) -> pa.RecordBatch:
-    arrays = [pa.array(values, field.type) for values, field in zip(columns, INTERACTIONS_SCHEMA, strict=True)]
-    for values in columns:
+def _drain(columns: dict[str, list], schema: pa.Schema) -> pa.RecordBatch:
+    """The rows gathered in ``columns`` as one record batch of ``schema``; the lists are emptied for reuse."""
+    batch = pa.RecordBatch.from_pydict(columns, schema=schema)
+    for values in columns.values():
         values.clear()
-    return pa.RecordBatch.from_arrays(arrays, schema=INTERACTIONS_SCHEMA)
+    return batch
 
 
 def _key_hashes(batch: pa.RecordBatch) -> np.ndarray:
@@ -151,13 +153,6 @@ def _copy_without_duplicates(source: Path, target: Path, row_hashes: np.ndarray,
                     seen.add(key)
             writer.write_batch(batch if keep.all() else batch.filter(pa.array(keep)))
     return dropped
-
-
-def _columns_to_batch(columns: dict[str, list]) -> pa.RecordBatch:
-    batch = pa.RecordBatch.from_pydict(columns, schema=ITEMS_SCHEMA)
-    for values in columns.values():
-        values.clear()
-    return batch
 
 
 def category_label(categories: Sequence[str], level: int) -> str:
@@ -201,8 +196,8 @@ def build_items(
         columns["category"].append(category_label(categories, category_level))
         columns["image_url"].append(resolve_reference(meta_url, image) if image and meta_url else image)
         if len(columns["item_id"]) >= BATCH_ROWS:
-            batches.append(_columns_to_batch(columns))
-    batches.append(_columns_to_batch(columns))
+            batches.append(_drain(columns, ITEMS_SCHEMA))
+    batches.append(_drain(columns, ITEMS_SCHEMA))
     described = pa.Table.from_batches(batches, schema=ITEMS_SCHEMA)
     batches.clear()
     rows = described.take(pa.array([row_of.get(item_id) for item_id in item_ids], pa.int64()))  # null: no meta
@@ -212,6 +207,5 @@ def build_items(
         pc.fill_null(rows["categories"], pa.scalar([], ITEMS_SCHEMA.field("categories").type)),
         pc.fill_null(rows["category"], UNKNOWN_CATEGORY), rows["image_url"],
     ], schema=ITEMS_SCHEMA)
-    found = row_of
-    stats = ItemsStats(len(item_ids) - len(found), unused, duplicates)
+    stats = ItemsStats(len(item_ids) - len(row_of), unused, duplicates)
     return table, stats
