@@ -4,11 +4,11 @@
         --run-dir data/bench/vs_recbole/toys/sasrec-s0-e15-p10-t2-b364 [--part valid] [--repeats 5]
 
 On one trained checkpoint and the catalog's valid (or test) users, batched and length-sorted as
-`cammsr.ranking.rank_targets` does, it times (best of ``--repeats``):
+`cammsr.evaluate.ranking.rank_targets` does, it times (best of ``--repeats``):
 
 - the encoder over every position (before) vs only the scored last position in the final layer (after);
 - the score matmul against the whole item table;
-- rank counting the old way (NaN pass, +inf pass, torch compare + bool sum) vs `cammsr.metrics.target_ranks`;
+- rank counting the old way (NaN pass, +inf pass, torch compare + bool sum) vs `cammsr.evaluate.metrics.target_ranks`;
 - the whole `rank_targets` pass;
 
 and prints a table of seconds and before/after ratios, ending with one JSON line. The old and new
@@ -26,14 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cammsr.batches import pad_right
-from cammsr.config import load_params
-from cammsr.malloc import tune_glibc_malloc
-from cammsr.metrics import target_ranks
-from cammsr.model_io import load_checkpoint
-from cammsr.paths import CatalogPaths
-from cammsr.ranking import rank_targets
-from cammsr.splits import load_splits
+from cammsr.core.config import load_params
+from cammsr.core.malloc import tune_glibc_malloc
+from cammsr.core.paths import CatalogPaths
+from cammsr.data.batches import pad_right
+from cammsr.data.splits import load_splits
+from cammsr.evaluate.metrics import target_ranks
+from cammsr.evaluate.ranking import rank_targets
+from cammsr.model.io import load_checkpoint
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:

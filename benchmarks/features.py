@@ -44,12 +44,12 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from cammsr.config import ImageFeatureParams, TextFeatureParams
-from cammsr.paths import CatalogPaths
+from cammsr.core.config import ImageFeatureParams, TextFeatureParams
+from cammsr.core.device import torch_threads
+from cammsr.core.paths import CatalogPaths
 from demo.images import draw_item_image, encode_image
 from demo.records import item_text
 from demo.sequences import make_items
-from features.device import torch_threads
 from features.encode import encode_image as encode_image_stage
 from features.encode import encode_text
 from features.image import ImageEncoder, ImageFiles, ImageJob, collate
@@ -346,7 +346,7 @@ def table(results: dict[str, dict], args: argparse.Namespace, wall_s: float) -> 
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("cammsr.summary").setLevel(logging.INFO)
+    logging.getLogger("cammsr.core.summary").setLevel(logging.INFO)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import open_clip  # noqa: F401  (imports are a per-process cost: paid before any timing)
     import transformers  # noqa: F401

@@ -1,4 +1,4 @@
-"""Ingest scaling: MB/s and peak RSS of `cammsr.ingest.run_ingest` as a raw catalog grows 1x, 4x, 16x.
+"""Ingest scaling: MB/s and peak RSS of `cammsr.ingest.stage.run_ingest` as a raw catalog grows 1x, 4x, 16x.
 
     python -m benchmarks.ingest [--scales 1,4,16] [--base-users 8000] [--out-dir data/bench/ingest]
 
@@ -65,9 +65,9 @@ def write_catalog(folder: Path, scale: int, base_users: int, seed: int = 0) -> t
 
 def ingest_once(folder: Path) -> dict:
     """Ingest the catalog in ``folder`` (images off) in this process; return timings and peak RSS."""
-    from cammsr.config import CatalogParams, IngestParams
-    from cammsr.ingest import run_ingest
-    from cammsr.paths import CatalogPaths
+    from cammsr.core.config import CatalogParams, IngestParams
+    from cammsr.core.paths import CatalogPaths
+    from cammsr.ingest.stage import run_ingest
 
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     reviews, meta = folder / "reviews.json.gz", folder / "meta.json.gz"

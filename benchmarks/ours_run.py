@@ -5,9 +5,9 @@ Started by `benchmarks.vs_recbole` in its own process (so peak RSS is this run's
     python -m benchmarks.ours_run --catalog toys --params data/bench/params.yaml --model sasrec \
         --epochs 2 --seed 0 --threads 2 --batch-size 364 --out result.json
 
-It calls `cammsr.train.run_train` (early stopping, best checkpoint) unchanged, timing each call of
+It calls `cammsr.train.trainer.run_train` (early stopping, best checkpoint) unchanged, timing each call of
 `train_epoch` and `validate` from outside, then ranks the test users with the best checkpoint by
-`cammsr.ranking.rank_targets`, with and without history masking.
+`cammsr.evaluate.ranking.rank_targets`, with and without history masking.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import cammsr.train as train_mod
-from cammsr.batches import bucketed_batches, training_pairs
-from cammsr.config import load_params
-from cammsr.metrics import metrics_from_ranks
-from cammsr.model_io import load_checkpoint
-from cammsr.paths import CatalogPaths
-from cammsr.ranking import rank_targets
-from cammsr.splits import load_splits
+import cammsr.train.trainer as train_mod
+from cammsr.core.config import load_params
+from cammsr.core.paths import CatalogPaths
+from cammsr.data.batches import bucketed_batches, training_pairs
+from cammsr.data.splits import load_splits
+from cammsr.evaluate.metrics import metrics_from_ranks
+from cammsr.evaluate.ranking import rank_targets
+from cammsr.model.io import load_checkpoint
 
 
 def _timed(fn, log: list[dict]):

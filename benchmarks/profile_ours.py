@@ -3,10 +3,10 @@
     python -m benchmarks.profile_ours --catalog toys --params data/bench/params.yaml [--model sasrec]
         [--steps 20] [--threads 2] [--eval-users 4096] [--malloc tuned|default] [--ce chunked|dense]
 
-Prints the top operators by self CPU time for (1) ``--steps`` training steps of `cammsr.train.train_epoch`'s
-loop and (2) a full-ranking pass of `cammsr.ranking.rank_targets` over ``--eval-users`` test users,
+Prints the top operators by self CPU time for (1) ``--steps`` training steps of `cammsr.train.trainer.train_epoch`'s
+loop and (2) a full-ranking pass of `cammsr.evaluate.ranking.rank_targets` over ``--eval-users`` test users,
 plus plain wall and CPU times without the profiler. Use it before and after a change to see what it
-bought; ``--malloc default`` leaves glibc's allocator as it is (no `cammsr.malloc.tune_glibc_malloc`)
+bought; ``--malloc default`` leaves glibc's allocator as it is (no `cammsr.core.malloc.tune_glibc_malloc`)
 and ``--ce dense`` swaps the chunked CE for ``F.cross_entropy`` on the whole score matrix.
 """
 
@@ -23,17 +23,17 @@ import torch
 import torch.nn.functional as F
 
 import cammsr.model.cammsr as model_mod
-from cammsr.batches import bucketed_batches, pad_right, training_pairs
-from cammsr.config import load_params
-from cammsr.malloc import tune_glibc_malloc
-from cammsr.model_io import build_model
-from cammsr.paths import CatalogPaths
-from cammsr.ranking import rank_targets
-from cammsr.splits import load_splits
+from cammsr.core.config import load_params
+from cammsr.core.malloc import tune_glibc_malloc
+from cammsr.core.paths import CatalogPaths
+from cammsr.data.batches import bucketed_batches, pad_right, training_pairs
+from cammsr.data.splits import load_splits
+from cammsr.evaluate.ranking import rank_targets
+from cammsr.model.io import build_model
 
 
 def train_steps(model, opt, inputs, targets, batches) -> None:
-    """The body of `cammsr.train.train_epoch` for the given index batches (single process)."""
+    """The body of `cammsr.train.trainer.train_epoch` for the given index batches (single process)."""
     model.train()
     for idx in batches:
         seq = pad_right([inputs[i] for i in idx])
@@ -71,7 +71,7 @@ def main() -> None:
     split = load_splits(paths.splits_dir)
     train = p.train.model_copy(update={"model": args.model})
     model = build_model(train, p.splits, split, paths, seed=0)
-    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, fused=True)  # as cammsr.train.run_train
+    opt = torch.optim.AdamW(model.parameters(), lr=train.lr, fused=True)  # as cammsr.train.trainer.run_train
     inputs, targets = training_pairs(split.train_sequences(), p.splits.max_seq_len)
     lengths = np.array([len(s) for s in inputs])
     batches = list(itertools.islice(bucketed_batches(lengths, args.batch_size, torch.Generator().manual_seed(0)),

@@ -15,7 +15,7 @@ Shims for RecBole, here and nowhere else:
   environment before the process starts: the caller sets them, we only record them.
 
 Besides RecBole's own test metrics (its protocol: history not masked), the trained model is also
-ranked by *our* ranker (`cammsr.ranking.rank_targets`, ties against the target) with and without
+ranked by *our* ranker (`cammsr.evaluate.ranking.rank_targets`, ties against the target) with and without
 history masking, so both sides' numbers come from one metric implementation.
 """
 
@@ -81,8 +81,8 @@ def main() -> None:
     torch.load = functools.partial(torch.load, weights_only=False)  # RecBole reloads its own pickled checkpoint
 
     sys.path.insert(0, str(REPO))
-    from cammsr.metrics import metrics_from_ranks
-    from cammsr.ranking import rank_targets
+    from cammsr.evaluate.metrics import metrics_from_ranks
+    from cammsr.evaluate.ranking import rank_targets
 
     work, data_path, out = (Path(p).resolve() for p in (args.work_dir, args.data_path, args.out))
     work.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@
 What runs, each side in its own process (peak RSS is that process's own):
 1. the catalog's split (ingest + split when missing; with ``--params`` absent and the catalog ``toys``,
    a scratch params file ``data/bench/params.yaml`` points at ``../shared/data/toys-seq/``), exported
-   with `cammsr.export_recbole` to RecBole atomic files;
+   with `cammsr.data.export_recbole` to RecBole atomic files;
 2. per seed, RecBole's SASRec (`benchmarks/recbole_run.py`, in the RecBole venv, both known traps fixed:
    anomaly detection off, ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000``) and our SASRec
    (`benchmarks/ours_run.py`, the real trainer), same config: d 64, 2 layers, 2 heads, FFN 256,
@@ -45,10 +45,10 @@ from statistics import mean, median, stdev
 import numpy as np
 import yaml
 
-from cammsr.config import load_params
-from cammsr.export_recbole import check_targets, export_dir, run_export_recbole
-from cammsr.paths import CatalogPaths
-from cammsr.splits import load_splits
+from cammsr.core.config import load_params
+from cammsr.core.paths import CatalogPaths
+from cammsr.data.export_recbole import check_targets, export_dir, run_export_recbole
+from cammsr.data.splits import load_splits
 from features.store import FeatureRows, write_rows
 
 log = logging.getLogger("vs_recbole")
@@ -77,8 +77,8 @@ def prepare(catalog: str, params_path: Path) -> CatalogPaths:
     p = load_params(params_path)
     paths = CatalogPaths.of(catalog, p.project.data_dir)
     if not (paths.splits_dir / "sequences.parquet").exists():
-        from cammsr.ingest import run_ingest
-        from cammsr.splits import run_split
+        from cammsr.data.splits import run_split
+        from cammsr.ingest.stage import run_ingest
 
         if not paths.interactions.exists():
             run_ingest(catalog, p.catalog(catalog), p.ingest, paths, root=Path.cwd())

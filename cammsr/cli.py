@@ -17,8 +17,8 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from cammsr.config import ParamsError, load_params
-from cammsr.paths import CatalogPaths
+from cammsr.core.config import ParamsError, load_params
+from cammsr.core.paths import CatalogPaths
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -54,7 +54,7 @@ def _paths(params, catalog: str) -> CatalogPaths:
 @app.command()
 def ingest(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml")) -> None:
     """Download the catalog's raw files and images; normalize to Parquet."""
-    from cammsr.ingest import run_ingest
+    from cammsr.ingest.stage import run_ingest
 
     p = _load(params_path)
     s = run_ingest(catalog, p.catalog(catalog), p.ingest, _paths(p, catalog), root=Path.cwd())
@@ -83,7 +83,7 @@ def encode(catalog: CatalogOpt, modality: Annotated[str, typer.Option(help="text
 @app.command()
 def split(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml")) -> None:
     """k-core filter, item/category index, chronological leave-one-out."""
-    from cammsr.splits import run_split
+    from cammsr.data.splits import run_split
 
     p = _load(params_path)
     console.print(run_split(catalog, p.splits, _paths(p, catalog)).line())
@@ -94,7 +94,7 @@ def train(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml"),
           resume: Annotated[bool, typer.Option(help="continue from models/last.pt")] = False,
           deterministic: Annotated[bool, typer.Option(help="torch deterministic algorithms")] = False) -> None:
     """Train CAMMSR (or SASRec, train.model) with early stopping on validation NDCG@10."""
-    from cammsr.train import run_train
+    from cammsr.train.trainer import run_train
 
     p = _load(params_path)
     s = run_train(catalog, p.train, p.splits, p.evaluate, p.project, _paths(p, catalog), resume=resume,
@@ -105,8 +105,8 @@ def train(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml"),
 @app.command()
 def evaluate(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml")) -> None:
     """Full-ranking HR/NDCG/MRR of the best checkpoint beside most-popular."""
-    from cammsr.evaluate import run_evaluate
-    from cammsr.report import metrics_table
+    from cammsr.evaluate.report import metrics_table
+    from cammsr.evaluate.stage import run_evaluate
 
     p = _load(params_path)
     paths = _paths(p, catalog)
@@ -125,7 +125,7 @@ def experiments(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Run the paper's study (CAMMSR, SASRec, ablations, category noise) over seeds; write a markdown table."""
-    from cammsr.experiments import VARIANTS, run_experiments
+    from cammsr.train.experiments import VARIANTS, run_experiments
 
     p = _load(params_path)
     paths = _paths(p, catalog)
@@ -144,7 +144,7 @@ def export_recbole(catalog: CatalogOpt,
                    = None,
                    params_path: ParamsOpt = Path("params.yaml")) -> None:
     """Write the catalog's split as RecBole atomic files (same users, items, order and leave-one-out targets)."""
-    from cammsr.export_recbole import run_export_recbole
+    from cammsr.data.export_recbole import run_export_recbole
 
     p = _load(params_path)
     try:
@@ -159,7 +159,7 @@ def export_recbole(catalog: CatalogOpt,
 def report(catalog: Annotated[list[str] | None, typer.Option("--catalog", "-c")] = None,
            params_path: ParamsOpt = Path("params.yaml")) -> None:
     """Print the metrics table of each catalog (default: all catalogs with metrics)."""
-    from cammsr.report import metrics_table
+    from cammsr.evaluate.report import metrics_table
 
     p = _load(params_path)
     names = catalog or list(p.catalogs)
@@ -215,10 +215,10 @@ def onboard(
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Check a new catalog's sources, add it to params.yaml, run its pipeline (Prefect flow onboard-catalog)."""
-    from cammsr.onboard import discard_plan, plan_onboarding
-    from cammsr.params_edit import ParamsEditError
-    from cammsr.report import metrics_table
-    from cammsr.source_check import SourceError
+    from cammsr.evaluate.report import metrics_table
+    from cammsr.ops.onboard import discard_plan, plan_onboarding
+    from cammsr.ops.params_edit import ParamsEditError
+    from cammsr.ops.source_check import SourceError
     from flows.dag import StagesFailed
 
     try:
@@ -255,8 +255,8 @@ def serve(
     """Serve the refresh-features (cron), pipeline and onboard-catalog deployments from this process."""
     from prefect.settings import PREFECT_API_URL
 
+    from cammsr.ops.stages import Project
     from flows.deployments import serve_deployments
-    from flows.stages import Project
 
     _load(params_path)  # a broken params file is an error before anything is served
     if not PREFECT_API_URL.value():

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from cammsr.config import DemoParams, load_params
-from cammsr.summary import StageSummary
+from cammsr.core.config import DemoParams, load_params
+from cammsr.core.summary import StageSummary
 from demo.images import draw_item_image, encode_image, truncate_jpeg
 from demo.records import item_text, meta_line, review_line
 from demo.sequences import ItemSpec, UserSpec, make_items, make_users

@@ -20,10 +20,10 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from cammsr.config import FeatureParams, ImageFeatureParams, TextFeatureParams
-from cammsr.paths import CatalogPaths
-from cammsr.summary import StageSummary
-from features.device import pick_device
+from cammsr.core.config import FeatureParams, ImageFeatureParams, TextFeatureParams
+from cammsr.core.device import pick_device
+from cammsr.core.paths import CatalogPaths
+from cammsr.core.summary import StageSummary
 from features.image import RANDOM_INIT_SEED, ImageSpec
 from features.store import DEFAULT_CHUNK_SIZE, EncodedChunk, UpsertReport, upsert
 from features.text import TEMPLATE_FIELDS, TextSpec, TextTemplate, package_version

@@ -29,8 +29,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from cammsr.config import ImageFeatureParams
-from features.device import autocast, pick_device, torch_threads
+from cammsr.core.config import ImageFeatureParams
+from cammsr.core.device import autocast, pick_device, torch_threads
 from features.store import EncodedChunk
 from features.text import ModelLoadError
 

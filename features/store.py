@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from cammsr.atomic import write_parquet_atomic
+from cammsr.core.atomic import write_parquet_atomic
 
 log = logging.getLogger(__name__)
 

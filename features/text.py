@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cammsr.config import TextFeatureParams
-from features.device import autocast, pick_device
+from cammsr.core.config import TextFeatureParams
+from cammsr.core.device import autocast, pick_device
 from features.store import EncodedChunk
 
 log = logging.getLogger(__name__)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 from prefect.artifacts import create_markdown_artifact
 
-from cammsr.dvc_sync import StageOutcome
-from cammsr.report import markdown_table
-from cammsr.summary import StageSummary
+from cammsr.core.summary import StageSummary
+from cammsr.evaluate.report import markdown_table
+from cammsr.ops.dvc_sync import StageOutcome
 
 MAX_COUNTS_CHARS = 300  # one table cell; the full counts are in the stage's summary JSON
 

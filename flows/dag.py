@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 from prefect.futures import PrefectFuture, wait
 
-from cammsr.dvc_sync import StageOutcome
-from cammsr.summary import StageSummary
+from cammsr.core.summary import StageSummary
+from cammsr.ops.dvc_sync import StageOutcome
+from cammsr.ops.stages import CATALOG_STAGES, Project, needs_demo_source
 from flows.artifacts import publish, run_markdown
-from flows.stages import CATALOG_STAGES, Project, needs_demo_source
 from flows.tasks import fetch_sources_task, stage_task
 
 log = logging.getLogger(__name__)

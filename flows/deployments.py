@@ -18,11 +18,11 @@ from typing import Any
 
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
-from cammsr.config import load_params
+from cammsr.core.config import load_params
+from cammsr.ops.stages import Project
 from flows.onboard import onboard_catalog
 from flows.pipeline import pipeline
 from flows.refresh import refresh_features
-from flows.stages import Project
 
 REFRESH, PIPELINE, ONBOARD = "refresh-features", "pipeline", "onboard-catalog"
 

@@ -15,11 +15,11 @@ import json
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from cammsr.onboard import OnboardPlan, apply_plan, discard_plan, plan_onboarding
-from cammsr.report import markdown_table
+from cammsr.evaluate.report import markdown_table
+from cammsr.ops.onboard import OnboardPlan, apply_plan, discard_plan, plan_onboarding
+from cammsr.ops.stages import CATALOG_STAGES, Project
 from flows.artifacts import publish
 from flows.pipeline import run_on_configured_runner
-from flows.stages import CATALOG_STAGES, Project
 from flows.tasks import retry_on_transient
 
 

@@ -3,7 +3,7 @@
     python -m flows.pipeline --catalog demo          # or: cammsr serve, then run the `pipeline` deployment
 
 ingest -> (text, image features in parallel) -> splits -> train -> evaluate, one task per stage
-calling the same stage functions as ``dvc repro`` (`flows.stages`). A stage that dvc.lock says is up
+calling the same stage functions as ``dvc repro`` (`cammsr.ops.stages`). A stage that dvc.lock says is up
 to date is not rerun; one that runs is recorded with ``dvc commit``, so ``dvc status`` is clean
 afterwards. Tasks run on the task runner named by ``params.orchestration.task_runner``.
 """
@@ -14,9 +14,9 @@ import argparse
 
 from prefect import flow
 
+from cammsr.ops.stages import CATALOG_STAGES, Project
 from flows.dag import gather, submit_catalogs
 from flows.runners import task_runner_for
-from flows.stages import CATALOG_STAGES, Project
 
 
 @flow(name="catalog-stages")

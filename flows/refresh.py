@@ -17,8 +17,8 @@ import argparse
 
 from prefect import flow
 
+from cammsr.ops.stages import DOWNSTREAM_STAGES, FEATURE_STAGES, Project
 from flows.pipeline import run_on_configured_runner
-from flows.stages import DOWNSTREAM_STAGES, FEATURE_STAGES, Project
 
 
 def refresh_stages(downstream: bool) -> list[str]:

@@ -8,14 +8,14 @@
   optional ``prefect-ray`` package is installed.
 
 Tasks only pass strings and return small dataclasses, so they can run in other processes; DVC calls
-are serialized across processes by `cammsr.dvc_sync`'s file lock.
+are serialized across processes by `cammsr.ops.dvc_sync`'s file lock.
 """
 
 from __future__ import annotations
 
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from cammsr.config import OrchestrationParams
+from cammsr.core.config import OrchestrationParams
 
 THREADS = 4  # text + image encoding of two catalogs at once; more only oversubscribes the CPU
 

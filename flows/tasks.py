@@ -1,4 +1,4 @@
-"""Prefect tasks over `flows.stages`: retries on transient errors, no Prefect caching (dvc.lock is the cache).
+"""Prefect tasks over `cammsr.ops.stages`: retries on transient errors, no Prefect caching (dvc.lock is the cache).
 
 A task is retried only when the error is one that waiting can fix (a dropped connection, a
 timeout, DVC's repo lock held by a concurrent ``dvc`` command); a 404, a wrong file format or a bug
@@ -13,10 +13,10 @@ import httpx
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from cammsr.download import DownloadError, NotFoundError, TransientError
-from cammsr.dvc_sync import StageOutcome
-from cammsr.summary import StageSummary
-from flows.stages import Project, fetch_sources, run_stage
+from cammsr.core.summary import StageSummary
+from cammsr.ingest.download import DownloadError, NotFoundError, TransientError
+from cammsr.ops.dvc_sync import StageOutcome
+from cammsr.ops.stages import Project, fetch_sources, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def stage_task(stage: str, catalog: str, root: str, params_path: str, force: boo
 @task(retries=RETRIES, retry_delay_seconds=RETRY_DELAYS_S, retry_condition_fn=retry_on_transient,
       cache_policy=NO_CACHE, task_run_name="fetch_sources[{catalog}]")
 def fetch_sources_task(catalog: str, root: str, params_path: str) -> StageSummary:
-    """Conditional re-download of a catalog's source files (see `flows.stages.fetch_sources`)."""
+    """Conditional re-download of a catalog's source files (see `cammsr.ops.stages.fetch_sources`)."""
     summary = fetch_sources(catalog, Project.at(root, params_path))
     get_run_logger().info(summary.line())
     return summary

@@ -8,7 +8,7 @@ import yaml
 
 from benchmarks.ingest import ingest_once, write_catalog
 from benchmarks.vs_recbole import TOYS, epoch_stats, scratch_params
-from cammsr.config import load_params
+from cammsr.core.config import load_params
 
 
 def test_ingest_benchmark_catalog_is_amazon_2018_and_ingests(tmp_path):
@@ -43,9 +43,9 @@ def test_eval_breakdown_times_each_fix_and_checks_old_and_new_ranks_agree(tmp_pa
     import torch
 
     from benchmarks import eval_breakdown
-    from cammsr.config import EvaluateParams, ProjectParams, SplitParams, TrainParams
-    from cammsr.splits import run_split
-    from cammsr.train import run_train
+    from cammsr.core.config import EvaluateParams, ProjectParams, SplitParams, TrainParams
+    from cammsr.data.splits import run_split
+    from cammsr.train.trainer import run_train
     from tests.cammsr.conftest import write_tiny_catalog
 
     paths = write_tiny_catalog(tmp_path)
@@ -71,10 +71,10 @@ def test_eval_breakdown_times_each_fix_and_checks_old_and_new_ranks_agree(tmp_pa
 
 def test_synthetic_feature_twin_shares_the_split_and_gives_cammsr_three_modalities(tmp_path):
     from benchmarks.vs_recbole import SYNTHETIC_DIMS, synthetic_feature_catalog
-    from cammsr.config import SplitParams, TrainParams
-    from cammsr.model_io import build_model
-    from cammsr.paths import CatalogPaths
-    from cammsr.splits import load_splits, run_split
+    from cammsr.core.config import SplitParams, TrainParams
+    from cammsr.core.paths import CatalogPaths
+    from cammsr.data.splits import load_splits, run_split
+    from cammsr.model.io import build_model
     from tests.cammsr.conftest import write_tiny_catalog
 
     paths = write_tiny_catalog(tmp_path)

@@ -6,7 +6,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from cammsr.paths import CatalogPaths
+from cammsr.core.paths import CatalogPaths
 
 
 def write_tiny_catalog(root: Path, n_users: int = 120, n_items: int = 40, length: int = 8, seed: int = 0

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cammsr.config import DemoParams
+from cammsr.core.config import DemoParams
 from demo.generate import META_FILE, REVIEWS_FILE, DemoSummary, generate_demo, main
 
 SMALL = DemoParams(n_users=60, n_items=48, n_categories=3, mean_length=8.0, image_size=32, seed=3)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cammsr.paths import CatalogPaths
+from cammsr.core.paths import CatalogPaths
 
 TINY_CLIP = "cammsr-test-tiny-vit"  # registered with open_clip by the tiny_clip fixture
 WORDS = [

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cammsr.config import ImageFeatureParams, TextFeatureParams
-from cammsr.paths import CatalogPaths
+from cammsr.core.config import ImageFeatureParams, TextFeatureParams
+from cammsr.core.paths import CatalogPaths
 from features.distributed import DaskPartsRunner, contiguous_shards, local_cluster, task_runner
 from features.encode import encode_image, encode_text
 from features.store import EncodedChunk, PartJob, parts_dir, plan_parts, read_rows, upsert

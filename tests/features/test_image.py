@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cammsr.config import ImageFeatureParams
-from cammsr.paths import CatalogPaths
+from cammsr.core.config import ImageFeatureParams
+from cammsr.core.paths import CatalogPaths
 from features.encode import encode_image
 from features.image import RANDOM_INIT_SEED, ImageEncoder
 from features.store import load_features, read_rows

@@ -10,10 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cammsr.config import TextFeatureParams
-from cammsr.paths import CatalogPaths
+from cammsr.core.config import TextFeatureParams
+from cammsr.core.device import pick_device
+from cammsr.core.paths import CatalogPaths
 from features import text as text_mod
-from features.device import pick_device
 from features.encode import encode_text
 from features.store import parts_dir, read_rows
 from features.text import ModelLoadError, TextEncoder, TextTemplate, resolve_model

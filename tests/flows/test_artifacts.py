@@ -2,8 +2,8 @@
 
 import json
 
-from cammsr.dvc_sync import StageOutcome
-from cammsr.summary import StageSummary
+from cammsr.core.summary import StageSummary
+from cammsr.ops.dvc_sync import StageOutcome
 from flows.artifacts import artifact_key, run_markdown
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cammsr.config import load_params
+from cammsr.core.config import load_params
+from cammsr.ops.stages import Project
 from flows.deployments import ONBOARD, PIPELINE, REFRESH, build_deployments
-from flows.stages import Project
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 import yaml
 
-from cammsr.config import DemoParams
+from cammsr.core.config import DemoParams
 from demo.generate import generate_demo
 from flows.refresh import refresh_features, refresh_stages
 from tests.integration.conftest import dvc, make_project_copy

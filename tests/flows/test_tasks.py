@@ -4,9 +4,9 @@ import httpx
 import pytest
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from cammsr.config import OrchestrationParams
-from cammsr.download import DownloadError, NotFoundError, TransientError
-from cammsr.formats import FormatError
+from cammsr.core.config import OrchestrationParams
+from cammsr.ingest.download import DownloadError, NotFoundError, TransientError
+from cammsr.ingest.formats import FormatError
 from flows.runners import TaskRunnerUnavailable, task_runner_for
 from flows.tasks import is_transient
 

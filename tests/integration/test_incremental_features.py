@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 
-from cammsr.config import DemoParams
+from cammsr.core.config import DemoParams
 from demo.generate import META_FILE, generate_demo
 from features.store import read_rows
 from tests.integration.conftest import TINY, dvc, make_project_copy

@@ -11,10 +11,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from cammsr.config import DemoParams
-from cammsr.onboard import plan_onboarding, source_dep
-from cammsr.params_edit import ParamsEditError, add_catalog_text
-from cammsr.source_check import SourceError
+from cammsr.core.config import DemoParams
+from cammsr.ops.onboard import plan_onboarding, source_dep
+from cammsr.ops.params_edit import ParamsEditError, add_catalog_text
+from cammsr.ops.source_check import SourceError
 from demo.generate import generate_demo
 from tests.integration.conftest import dvc
 

@@ -1,0 +1,1 @@
+"""cammsr.evaluate.stage."""

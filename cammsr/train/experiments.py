@@ -1,0 +1,134 @@
+"""The paper's study as one command: CAMMSR vs SASRec, ablations and category noise, over seeds.
+
+    cammsr experiments --catalog demo --seeds 0,1,2
+
+Every variant is the same trainer and evaluator with switches from `VARIANTS` applied to the
+``train`` section of params.yaml, on the catalog's existing split and feature stores (run
+``dvc repro split@NAME encode_text@NAME encode_image@NAME`` first). Each run writes under
+``data/NAME/experiments/<variant>/seed<k>/``; the comparison is a markdown table.
+The same variants run as DVC experiments: ``dvc exp run -S train.swap_cl=false``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cammsr.core.atomic import atomic_path
+from cammsr.core.config import Params
+from cammsr.core.paths import CatalogPaths
+from cammsr.evaluate.stage import run_evaluate
+from cammsr.train.trainer import run_train
+
+log = logging.getLogger(__name__)
+
+# name -> overrides of the train section. The first row is the reference for relative differences.
+VARIANTS: dict[str, dict[str, object]] = {
+    "CAMMSR": {},
+    "SASRec": {"model": "sasrec"},
+    "w/o category guidance": {"category_guidance": False},
+    "w/o swap-CL": {"swap_cl": False},
+    "LayerNorm instead of DyT": {"norm": "layernorm"},
+    "text-only": {"use_id": False, "use_image": False},
+    "image-only": {"use_id": False, "use_text": False},
+    "ID-only": {"use_text": False, "use_image": False},
+    "category noise 10%": {"category_noise": 0.1},
+    "category noise 20%": {"category_noise": 0.2},
+}
+METRICS = [f"{m}@{k}" for m in ("hr", "ndcg", "mrr") for k in (5, 10, 20)]
+
+
+@dataclass
+class RunResult:
+    variant: str
+    seed: int
+    test: dict[str, float]
+    epoch_seconds: float
+    epochs: int
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+def run_variant(name: str, variant: str, seed: int, params: Params, paths: CatalogPaths,
+                out_dir: Path, overrides: dict | None = None) -> RunResult:
+    """Train and evaluate one variant with one seed; results are cached in the run's metrics.json.
+
+    The run folder is keyed by a hash of everything that shapes the result (train, splits, evaluate
+    and feature params), so a changed config never reuses a stale run.
+    """
+    train = params.train.model_copy(update={**VARIANTS[variant], **(overrides or {})})
+    project = params.project.model_copy(update={"seed": seed})
+    key = json.dumps([train.model_dump(), params.splits.model_dump(), params.evaluate.model_dump(),
+                      params.features.model_dump(), seed], sort_keys=True, default=str)
+    run_paths = paths.for_run(out_dir / slug(variant) / f"seed{seed}-{hashlib.sha256(key.encode()).hexdigest()[:10]}")
+    if not run_paths.metrics.exists():
+        run_train(name, train, params.splits, params.evaluate, project, run_paths)
+        run_evaluate(name, params.splits, params.evaluate, project, run_paths)
+    metrics = json.loads(run_paths.metrics.read_text())
+    tsum = json.loads(run_paths.summary("train").read_text())["counts"]
+    return RunResult(variant, seed, metrics["model"]["test"], float(tsum["epoch_seconds"]), int(tsum["epochs_run"]))
+
+
+def comparison_table(results: list[RunResult], reference: str = "CAMMSR") -> str:
+    """Markdown: one row per variant, mean +- std over seeds, epoch time, relative NDCG@10 difference."""
+    by_variant: dict[str, list[RunResult]] = {}
+    for r in results:
+        by_variant.setdefault(r.variant, []).append(r)
+    ref = by_variant.get(reference)
+    ref_ndcg = float(np.mean([r.test["ndcg@10"] for r in ref])) if ref else None
+    header = ["variant", "seeds", *[m.upper() for m in METRICS], "epoch s", "epochs", "NDCG@10 vs " + reference]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant, runs in by_variant.items():
+        cells = [variant, str(len(runs))]
+        for m in METRICS:
+            vals = np.array([r.test[m] for r in runs])
+            cells.append(f"{vals.mean():.4f} ± {vals.std(ddof=1) if len(vals) > 1 else 0.0:.4f}")
+        cells.append(f"{np.mean([r.epoch_seconds for r in runs]):.2f}")
+        cells.append(f"{np.mean([r.epochs for r in runs]):.0f}")
+        ndcg = float(np.mean([r.test["ndcg@10"] for r in runs]))
+        cells.append("reference" if variant == reference else
+                     (f"{100 * (ndcg - ref_ndcg) / ref_ndcg:+.1f}%" if ref_ndcg else "-"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_experiments(name: str, params: Params, paths: CatalogPaths, seeds: list[int], variants: list[str],
+                    out: Path, overrides: dict | None = None) -> str:
+    """Run every variant x seed (skipping finished runs), write the markdown report to ``out``."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    t0 = time.perf_counter()
+    out_dir = paths.root / "experiments"
+    results = []
+    for variant in variants:
+        for seed in seeds:
+            log.info("experiment %s seed %d", variant, seed)
+            results.append(run_variant(name, variant, seed, params, paths, out_dir, overrides))
+    table = comparison_table(results)
+    train = params.train.model_copy(update=overrides or {})
+    extra = f" --epochs {overrides['epochs']}" if overrides and "epochs" in overrides else ""
+    text = "\n".join([
+        f"# {name}: CAMMSR study", "",
+        f"Test metrics, full ranking over all items, leave-one-out, history "
+        f"{'masked' if params.evaluate.mask_history else 'not masked'}; mean ± std over seeds {seeds}. "
+        f"Model selection on validation NDCG@10 with patience {train.patience}, at most {train.epochs} epochs; "
+        f"batch {train.batch_size}, lr {train.lr}, d {train.hidden_size}. "
+        f"Text features: `{params.features.text.model}`; image features: `{params.features.image.model}` "
+        f"(pretrained: {params.features.image.pretrained}"
+        f"{' = RANDOM weights' if params.features.image.pretrained is None else ''}).", "",
+        f"Reproduce: `cammsr experiments --catalog {name} --seeds {','.join(map(str, seeds))}{extra}` "
+        f"({time.perf_counter() - t0:.0f} s for the runs not already cached).", "",
+        table, "",
+    ])
+    with atomic_path(out, suffix=".md") as tmp:
+        tmp.write_text(text)
+    return text

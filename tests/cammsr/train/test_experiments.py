@@ -1,0 +1,30 @@
+from cammsr.core.config import Params, SplitParams
+from cammsr.data.splits import run_split
+from cammsr.train.experiments import METRICS, RunResult, comparison_table, run_experiments
+
+
+def _result(variant, seed, ndcg):
+    return RunResult(variant, seed, {m: (ndcg if m == "ndcg@10" else 0.5) for m in METRICS}, 2.0, 10)
+
+
+def test_table_mean_std_and_relative_difference():
+    table = comparison_table([_result("CAMMSR", 0, 0.30), _result("CAMMSR", 1, 0.40),
+                              _result("SASRec", 0, 0.20), _result("SASRec", 1, 0.22)])
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
+    assert "0.3500 ± 0.0707" in rows["CAMMSR"] and "reference" in rows["CAMMSR"]
+    assert "0.2100 ± 0.0141" in rows["SASRec"] and "-40.0%" in rows["SASRec"]
+
+
+def test_run_experiments_smoke(tiny_catalog, tmp_path):
+    run_split("tiny", SplitParams(), tiny_catalog)
+    params = Params.model_validate({
+        "catalogs": {"tiny": {"reviews": "file:unused"}},
+        "project": {"device": "cpu"},
+        "train": {"hidden_size": 16, "num_layers": 1, "num_heads": 1, "ffn_size": 32, "batch_size": 64},
+    })
+    out = tmp_path / "report.md"
+    text = run_experiments("tiny", params, tiny_catalog, [0], ["CAMMSR", "SASRec"], out, overrides={"epochs": 1})
+    assert out.read_text() == text
+    assert "| CAMMSR | 1 |" in text and "| SASRec | 1 |" in text and "--epochs 1" in text
+    # a second call reuses the finished runs
+    assert run_experiments("tiny", params, tiny_catalog, [0], ["SASRec"], out, overrides={"epochs": 1})
