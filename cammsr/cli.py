@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 
 from cammsr.core.config import ParamsError, load_params
 from cammsr.core.paths import CatalogPaths
+from cammsr.core.summary import StageSummary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 console = Console()
@@ -51,42 +52,34 @@ def _paths(params, catalog: str) -> CatalogPaths:
     return CatalogPaths.of(catalog, params.project.data_dir)
 
 
+def _run(stage: str, catalog: str, params_path: Path, **options) -> StageSummary:
+    """Run a registered stage for one catalog (what dvc.yaml's cmd of that stage does)."""
+    from cammsr.ops.stages import Project, run_stage_now
+
+    project = Project.at(Path.cwd(), params_path)
+    _paths(_load(params_path), catalog)  # a bad params file or an unknown catalog: one line, exit 2
+    return run_stage_now(stage, catalog, project, **options)
+
+
 @app.command()
 def ingest(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml")) -> None:
     """Download the catalog's raw files and images; normalize to Parquet."""
-    from cammsr.ingest.stage import run_ingest
-
-    p = _load(params_path)
-    s = run_ingest(catalog, p.catalog(catalog), p.ingest, _paths(p, catalog), root=Path.cwd())
-    del s  # the stage logs its own summary line
+    _run("ingest", catalog, params_path)  # the stage logs its own summary line
 
 
 @app.command()
 def encode(catalog: CatalogOpt, modality: Annotated[str, typer.Option(help="text or image")],
            params_path: ParamsOpt = Path("params.yaml")) -> None:
     """Encode item text (transformers) or images (open_clip) into the feature store."""
-    from features.encode import encode_image, encode_text, scale_out
-
-    p = _load(params_path)
-    paths = _paths(p, catalog)
-    scale = scale_out(p.features)
-    if modality == "text":
-        s = encode_text(catalog, p.features.text, paths, device=p.project.device, **scale)
-    elif modality == "image":
-        s = encode_image(catalog, p.features.image, paths, device=p.project.device,
-                         max_image_pixels=p.ingest.max_image_pixels, **scale)
-    else:
+    if modality not in ("text", "image"):
         raise typer.BadParameter(f"--modality must be text or image, not {modality!r}")
-    del s  # the stage logs its own summary line
+    _run(f"encode_{modality}", catalog, params_path)
 
 
 @app.command()
 def split(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml")) -> None:
     """k-core filter, item/category index, chronological leave-one-out."""
-    from cammsr.data.splits import run_split
-
-    p = _load(params_path)
-    console.print(run_split(catalog, p.splits, _paths(p, catalog)).line())
+    console.print(_run("split", catalog, params_path).line())
 
 
 @app.command()
@@ -94,24 +87,16 @@ def train(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml"),
           resume: Annotated[bool, typer.Option(help="continue from models/last.pt")] = False,
           deterministic: Annotated[bool, typer.Option(help="torch deterministic algorithms")] = False) -> None:
     """Train CAMMSR (or SASRec, train.model) with early stopping on validation NDCG@10."""
-    from cammsr.train.trainer import run_train
-
-    p = _load(params_path)
-    s = run_train(catalog, p.train, p.splits, p.evaluate, p.project, _paths(p, catalog), resume=resume,
-                  deterministic=deterministic)
-    del s  # the stage logs its own summary line
+    _run("train", catalog, params_path, resume=resume, deterministic=deterministic)
 
 
 @app.command()
 def evaluate(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml")) -> None:
     """Full-ranking HR/NDCG/MRR of the best checkpoint beside most-popular."""
     from cammsr.evaluate.report import metrics_table
-    from cammsr.evaluate.stage import run_evaluate
 
-    p = _load(params_path)
-    paths = _paths(p, catalog)
-    console.print(run_evaluate(catalog, p.splits, p.evaluate, p.project, paths).line())
-    console.print(metrics_table(catalog, paths.metrics))
+    console.print(_run("evaluate", catalog, params_path).line())
+    console.print(metrics_table(catalog, _paths(_load(params_path), catalog).metrics))
 
 
 @app.command()
@@ -182,11 +167,27 @@ def report(catalog: Annotated[list[str] | None, typer.Option("--catalog", "-c")]
 def demo_source(out: Annotated[Path, typer.Option(help="output folder")] = Path("data/sources/demo"),
                 params_path: ParamsOpt = Path("params.yaml")) -> None:
     """Generate the bundled demo catalog (Amazon 2018 format, planted signal and defects)."""
-    from demo.generate import generate_demo
+    from cammsr.ops.stages import Project, run_stage_now
 
-    p = _load(params_path)
-    s = generate_demo(out, p.demo)
-    del s  # the stage logs its own summary line
+    _load(params_path)
+    run_stage_now("demo_source", "demo", Project.at(Path.cwd(), params_path), out=out)
+
+
+@app.command("dvc-yaml")
+def dvc_yaml(check: Annotated[bool, typer.Option("--check", help="only compare; exit 1 when it differs")] = False,
+             path: Annotated[Path, typer.Option(help="the dvc.yaml to write or check")] = Path("dvc.yaml")) -> None:
+    """Write dvc.yaml from the stage registry (or, with --check, show how the file differs from it)."""
+    from cammsr.ops import dvc_yaml as render
+
+    if check:
+        diff = render.check(path)
+        if diff:
+            typer.echo("\n".join(diff))
+            console.print(f"[red]{path} is not what the stage registry renders: run `cammsr dvc-yaml`")
+            raise typer.Exit(1)
+        console.print(f"{path} matches the stage registry")
+        return
+    console.print(f"{path} {'written' if render.write(path) else 'unchanged'} (from the stage registry)")
 
 
 @app.command()

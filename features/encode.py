@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from cammsr.core.config import FeatureParams, ImageFeatureParams, TextFeatureParams
+from cammsr.core.config import ImageFeatureParams, TextFeatureParams
 from cammsr.core.device import pick_device
 from cammsr.core.paths import CatalogPaths
 from cammsr.core.summary import StageSummary
@@ -98,16 +98,6 @@ def _summary(
         if len(report.failures) > MAX_FAILURE_NOTES:
             notes.append(f"... and {len(report.failures) - MAX_FAILURE_NOTES} more failures")
     return StageSummary(stage, name, counts, time.perf_counter() - started, notes)
-
-
-def scale_out(features: FeatureParams) -> dict[str, Any]:
-    """The ``features.*`` scale-out settings as keywords of `encode_text` / `encode_image`."""
-    return {
-        "runner": features.runner,
-        "dask_address": features.dask_address,
-        "dask_workers": features.dask_workers,
-        "chunk_size": features.chunk_size,
-    }
 
 
 def _upsert(

@@ -1,7 +1,10 @@
 """Submit a catalog's stages as Prefect tasks in DAG order and gather what they did.
 
-    (demo_source) -> (fetch_sources) -> ingest -> encode_text  -+-> split -> train -> evaluate
-                                              \\-> encode_image -+
+The order and the edges come from the stage registry (`cammsr.ops.registry.upstream`: a stage waits
+for the stages whose outputs it reads), so this DAG and dvc.yaml's are the same graph:
+
+    (demo_source) -> (fetch_sources) -> ingest -> split -------------------+-> train -> evaluate
+                                              \\-> encode_text, encode_image -+
 
 Catalogs are independent: their chains are all submitted at once and run side by side on the task
 runner; a failed stage stops only its own catalog's later stages. Shared by the ``pipeline`` and
@@ -18,20 +21,12 @@ from prefect.futures import PrefectFuture, wait
 
 from cammsr.core.summary import StageSummary
 from cammsr.ops.dvc_sync import StageOutcome
-from cammsr.ops.stages import CATALOG_STAGES, Project, needs_demo_source
+from cammsr.ops.registry import CATALOG_STAGES, STAGES, upstream
+from cammsr.ops.stages import Project
 from flows.artifacts import publish, run_markdown
 from flows.tasks import fetch_sources_task, stage_task
 
 log = logging.getLogger(__name__)
-
-UPSTREAM = {  # the issue's order: features in parallel, then splits
-    "ingest": (),
-    "encode_text": ("ingest",),
-    "encode_image": ("ingest",),
-    "split": ("encode_text", "encode_image", "ingest"),
-    "train": ("split",),
-    "evaluate": ("train",),
-}
 
 
 class StagesFailed(RuntimeError):
@@ -58,26 +53,29 @@ def submit_catalogs(catalogs: Sequence[str], stages: Sequence[str], project: Pro
         raise KeyError(f"unknown stage(s) {unknown} (known: {', '.join(CATALOG_STAGES)})")
     params = project.params()
     root, params_path = str(project.root), str(project.params_path)
-    demo_source: PrefectFuture | None = None
+    shared: dict[str, PrefectFuture] = {}  # stages that are not per catalog (the demo source) run once
     runs = []
     for name in catalogs:
-        params.catalog(name)  # unknown catalogs fail here, before any task runs
+        source_dep = params.catalog(name).source_dep  # unknown catalogs fail here, before any task runs
+        paths = project.paths(name, params)
+        chain = [s for s in STAGES if s.per_catalog and s.name in stages]
         run = CatalogRun(name)
-        head: list[PrefectFuture] = []
-        if needs_demo_source(params, name):
-            if demo_source is None:
-                demo_source = stage_task.submit("demo_source", name, root, params_path, force)
-            run.futures.append(("demo_source", demo_source))
-            head = [demo_source]
+        head: list[PrefectFuture] = []  # what the first stages of the chain wait for
+        for stage in (s for s in STAGES if not s.per_catalog):
+            if any(stage.name in upstream(s, paths, source_dep) for s in chain):
+                if stage.name not in shared:
+                    shared[stage.name] = stage_task.submit(stage.name, name, root, params_path, force)
+                run.futures.append((stage.name, shared[stage.name]))
+                head = [shared[stage.name]]
         if fetch:
             fetched = fetch_sources_task.submit(name, root, params_path, wait_for=head)
             run.futures.append(("fetch_sources", fetched))
             head = [fetched]
         done: dict[str, PrefectFuture] = {}
-        for stage in (s for s in CATALOG_STAGES if s in stages):
-            upstream = [done[u] for u in UPSTREAM[stage] if u in done] or head
-            done[stage] = stage_task.submit(stage, name, root, params_path, force, wait_for=upstream)
-            run.futures.append((stage, done[stage]))
+        for stage in chain:
+            waits = [done[u] for u in upstream(stage, paths, source_dep) if u in done] or head
+            done[stage.name] = stage_task.submit(stage.name, name, root, params_path, force, wait_for=waits)
+            run.futures.append((stage.name, done[stage.name]))
         runs.append(run)
     return runs
 

@@ -17,7 +17,8 @@ from prefect.cache_policies import NO_CACHE
 
 from cammsr.evaluate.report import markdown_table
 from cammsr.ops.onboard import OnboardPlan, apply_plan, discard_plan, plan_onboarding
-from cammsr.ops.stages import CATALOG_STAGES, Project
+from cammsr.ops.registry import CATALOG_STAGES
+from cammsr.ops.stages import Project
 from flows.artifacts import publish
 from flows.pipeline import run_on_configured_runner
 from flows.tasks import retry_on_transient

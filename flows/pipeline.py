@@ -14,7 +14,8 @@ import argparse
 
 from prefect import flow
 
-from cammsr.ops.stages import CATALOG_STAGES, Project
+from cammsr.ops.registry import CATALOG_STAGES
+from cammsr.ops.stages import Project
 from flows.dag import gather, submit_catalogs
 from flows.runners import task_runner_for
 

@@ -17,7 +17,8 @@ import argparse
 
 from prefect import flow
 
-from cammsr.ops.stages import DOWNSTREAM_STAGES, FEATURE_STAGES, Project
+from cammsr.ops.registry import DOWNSTREAM_STAGES, FEATURE_STAGES
+from cammsr.ops.stages import Project
 from flows.pipeline import run_on_configured_runner
 
 

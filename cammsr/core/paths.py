@@ -90,6 +90,16 @@ class CatalogPaths:
         return self._out / "train_log"
 
     @property
+    def train_metrics(self) -> Path:
+        """dvclive's per-run summary of the training curves (DVC metrics)."""
+        return self.train_log_dir / "metrics.json"
+
+    @property
+    def train_plots(self) -> Path:
+        """dvclive's per-epoch curves (DVC plots)."""
+        return self.train_log_dir / "plots" / "metrics"
+
+    @property
     def metrics(self) -> Path:
         return self._out / "metrics.json"
 

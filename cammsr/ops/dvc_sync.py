@@ -6,14 +6,16 @@ The mechanism (see docs/ORCHESTRATION.md): a driver other than `dvc repro` wraps
 1. asks DVC whether the stage (``ingest@demo``, ``demo_source``...) is up to date, exactly as
    ``dvc status ingest@demo`` would; if it is, the stage function is not called and its last summary
    (``summaries/<stage>.json``) is returned instead;
-2. otherwise calls the stage function, then records its outputs with ``dvc commit -f <target>``, so
-   dvc.lock holds what ``dvc repro`` would have written (deps, params, outs and their hashes);
+2. otherwise calls the stage function, then records its outputs with ``dvc commit -f <target>`` (the
+   command, run in the project root), so dvc.lock holds what ``dvc repro`` would have written (deps,
+   params, outs and their hashes);
 3. checks that DVC now sees the stage as up to date.
 
 So a ``dvc repro`` right after a Prefect run has nothing to do, and a Prefect run right after
 ``dvc repro`` calls no stage function. DVC's Repo API is not thread-safe and its repo lock is
 per process, so every DVC call goes through one lock: a thread lock within the process and a file
-lock across processes (Dask workers).
+lock across processes (Dask workers). Only DVC's public interface is used: `dvc.repo.Repo.status`
+and the ``dvc commit`` command.
 """
 
 from __future__ import annotations
@@ -129,9 +131,9 @@ class DvcSync:
         """Record ``target``'s current deps, params and outs in dvc.lock (``dvc commit -f``), then check it."""
         if not self.enabled:
             return
-        with self._repo() as repo:
-            _commit(repo, self.address(target))
-            left = repo.status(targets=[self.address(target)])
+        with _THREAD_LOCK, self._lock_file:
+            _commit(self.root, target)
+        left = self.changes(target)
         if left:
             raise DvcSyncError(f"{target}: still changed after `dvc commit -f`: {left}")
 
@@ -148,26 +150,16 @@ class DvcSync:
         return StageOutcome(target, summary, skipped=False, seconds=time.perf_counter() - started)
 
 
-def _commit(repo: Any, address: str) -> None:
-    """``dvc commit -f address``, minus the run-cache entry.
+def _commit(root: Path, target: str) -> None:
+    """``dvc commit -f <target>`` in the project, through DVC's command line (its stable interface)."""
+    import subprocess
+    import sys
 
-    `dvc.repo.Repo.commit` also saves the stage to DVC's run cache, whose code resolves ``dvc.yaml``
-    against the process's working directory and so fails when that is not the project root (a flow
-    serving another project, a test). The run cache only lets ``dvc repro`` restore outputs of a
-    previously seen state; dvc.lock, which this writes exactly as ``dvc commit`` does, is what makes
-    ``dvc status`` clean.
-    """
-    from itertools import groupby
-
-    with repo.lock:
-        infos = repo.stage.collect_granular(address)
-        for dvcfile, group in groupby(infos, key=lambda info: info.stage.dvcfile):
-            stages = []
-            for info in group:
-                info.stage.save(run_cache=False)
-                info.stage.commit(filter_info=info.filter_info, relink=True)
-                stages.append(info.stage)
-            dvcfile.dump_stages(stages, update_pipeline=False)
+    res = subprocess.run([sys.executable, "-m", "dvc", "commit", "--force", "--quiet", target], cwd=root,
+                         capture_output=True, text=True)
+    if res.returncode:
+        raise DvcSyncError(f"{target}: `dvc commit -f` failed (exit {res.returncode}): "
+                           f"{(res.stderr or res.stdout).strip()[-2000:]}")
 
 
 def last_summary(target: str, path: Path) -> StageSummary:

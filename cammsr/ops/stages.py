@@ -1,26 +1,23 @@
-"""Each DAG stage as one call, DVC-consistent: the only place the flows touch stage functions.
+"""Running a registered stage (`cammsr.ops.registry`) for one catalog, directly or DVC-consistently.
 
-`run_stage("split", "demo", project)` loads params, calls `cammsr.data.splits.run_split` exactly as
-``cammsr split --catalog demo`` (the DVC stage's cmd) would, and records it in dvc.lock
-(`cammsr.ops.dvc_sync`); when dvc.lock says ``split@demo`` is up to date the function is not called.
-No Prefect here: the flows wrap these in tasks, tests may call them directly.
+`run_stage_now("split", "demo", project)` is what ``cammsr split --catalog demo`` (the DVC stage's cmd)
+does. `run_stage` is what the Prefect tasks do: the same call, skipped when dvc.lock says ``split@demo``
+is up to date, and recorded in dvc.lock afterwards (`cammsr.ops.dvc_sync`). No Prefect here: the flows
+wrap these in tasks, tests may call them directly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cammsr.core.config import Params, load_params
 from cammsr.core.paths import CatalogPaths
 from cammsr.core.summary import StageSummary
+from cammsr.ops import registry
 from cammsr.ops.dvc_sync import DvcSync, StageOutcome
-
-CATALOG_STAGES = ("ingest", "encode_text", "encode_image", "split", "train", "evaluate")
-FEATURE_STAGES = ("ingest", "encode_text", "encode_image")
-DOWNSTREAM_STAGES = ("split", "train", "evaluate")
-DEMO_SOURCE_DIR = "data/sources/demo"  # the out of dvc.yaml's demo_source stage
+from cammsr.ops.registry import DEMO_SOURCE_DIR, StageContext, StageSpec
 
 
 @dataclass(frozen=True)
@@ -48,78 +45,28 @@ class Project:
         return DvcSync.for_project(self.root, self.params_path)
 
 
-def needs_demo_source(params: Params, catalog: str) -> bool:
-    """True when the catalog reads the generated demo files (dvc.yaml's ``demo_source`` stage)."""
-    return params.catalog(catalog).source_dep.rstrip("/") == DEMO_SOURCE_DIR
+def stage_context(stage: StageSpec, catalog: str, project: Project, params: Params,
+                  options: dict[str, Any] | None = None) -> StageContext:
+    """The context a stage runs in; an unknown catalog is an error naming the known ones."""
+    if stage.per_catalog:
+        params.catalog(catalog)
+    return StageContext(catalog, project.paths(catalog, params), project.root, dict(options or {}))
 
 
-def _demo_source(project: Project, _catalog: str) -> StageSummary:
-    from demo.generate import generate_demo
-
-    demo = generate_demo(project.root / DEMO_SOURCE_DIR, project.params().demo)
-    counts = {"users": demo.n_users, "items": demo.n_items, "reviews": demo.n_reviews, "images": demo.n_images}
-    return StageSummary("demo_source", "demo", counts, demo.seconds)
+def summary_path(stage: StageSpec, ctx: StageContext) -> Path:
+    """Where the stage leaves its summary: ``summaries/<stage>.json``, or the demo generator's own file."""
+    return ctx.paths.summary(stage.name) if stage.per_catalog else ctx.root / DEMO_SOURCE_DIR / "demo_summary.json"
 
 
-def _ingest(project: Project, catalog: str) -> StageSummary:
-    from cammsr.ingest.stage import run_ingest
+def run_stage_now(stage: str, catalog: str, project: Project, **options: Any) -> StageSummary:
+    """Run one stage of one catalog as ``dvc repro``'s cmd does: no dvc.lock check, no record.
 
-    p = project.params()
-    paths = project.paths(catalog, p)
-    return run_ingest(catalog, p.catalog(catalog), p.ingest, paths, root=project.root)
-
-
-def _encode_text(project: Project, catalog: str) -> StageSummary:
-    from features.encode import encode_text, scale_out
-
-    p = project.params()
-    return encode_text(catalog, p.features.text, project.paths(catalog, p), device=p.project.device,
-                       **scale_out(p.features))
-
-
-def _encode_image(project: Project, catalog: str) -> StageSummary:
-    from features.encode import encode_image, scale_out
-
-    p = project.params()
-    return encode_image(catalog, p.features.image, project.paths(catalog, p), device=p.project.device,
-                        max_image_pixels=p.ingest.max_image_pixels, **scale_out(p.features))
-
-
-def _split(project: Project, catalog: str) -> StageSummary:
-    from cammsr.data.splits import run_split
-
-    p = project.params()
-    return run_split(catalog, p.splits, project.paths(catalog, p))
-
-
-def _train(project: Project, catalog: str) -> StageSummary:
-    from cammsr.train.trainer import run_train
-
-    p = project.params()
-    return run_train(catalog, p.train, p.splits, p.evaluate, p.project, project.paths(catalog, p))
-
-
-def _evaluate(project: Project, catalog: str) -> StageSummary:
-    from cammsr.evaluate.stage import run_evaluate
-
-    p = project.params()
-    return run_evaluate(catalog, p.splits, p.evaluate, p.project, project.paths(catalog, p))
-
-
-STAGE_FUNCTIONS: dict[str, Callable[[Project, str], StageSummary]] = {
-    "demo_source": _demo_source,
-    "ingest": _ingest,
-    "encode_text": _encode_text,
-    "encode_image": _encode_image,
-    "split": _split,
-    "train": _train,
-    "evaluate": _evaluate,
-}
-
-
-def dvc_target(stage: str, catalog: str) -> str:
-    """The DVC stage name: ``ingest@demo`` for foreach stages, ``demo_source`` for the demo generator."""
-    return stage if stage == "demo_source" else f"{stage}@{catalog}"
+    Raises:
+        KeyError: an unknown stage or catalog (the message lists the known ones).
+    """
+    spec = registry.spec(stage)
+    params = project.params()
+    return spec.run(params, stage_context(spec, catalog, project, params, options))
 
 
 def run_stage(stage: str, catalog: str, project: Project, force: bool = False) -> StageOutcome:
@@ -128,15 +75,11 @@ def run_stage(stage: str, catalog: str, project: Project, force: bool = False) -
     Raises:
         KeyError: an unknown stage or catalog (the message lists the known ones).
     """
-    if stage not in STAGE_FUNCTIONS:
-        raise KeyError(f"unknown stage {stage!r} (known: {', '.join(STAGE_FUNCTIONS)})")
+    spec = registry.spec(stage)
     params = project.params()
-    params.catalog(catalog)
-    paths = project.paths("demo" if stage == "demo_source" else catalog, params)
-    summary_path = project.root / DEMO_SOURCE_DIR / "demo_summary.json" if stage == "demo_source" \
-        else paths.summary(stage)
-    return project.sync().run(dvc_target(stage, catalog), lambda: STAGE_FUNCTIONS[stage](project, catalog),
-                              summary_path, force=force)
+    ctx = stage_context(spec, catalog, project, params)
+    return project.sync().run(spec.target(catalog), lambda: spec.run(params, ctx), summary_path(spec, ctx),
+                              force=force)
 
 
 def fetch_sources(catalog: str, project: Project) -> StageSummary:
