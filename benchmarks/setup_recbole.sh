@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/setup_recbole.sh [VENV_DIR]      (default .venv-recbole)
 #
-# The pins are the combination known to work (see issue "Performance: side by side with RecBole"):
+# The pins are the combination known to work:
 # ray needs pkg_resources (setuptools<81); RecBole uses NumPy aliases that NumPy 2 removed;
 # pandas 3 fails with numpy<2 and silently changes a fillna. Run-time shims (torch.load's
 # weights_only default, anomaly detection off) live in benchmarks/recbole_run.py, never in the package.

@@ -211,20 +211,31 @@ def onboard(
     reviews: Annotated[str, typer.Option(help="reviews file: http(s):// or file: URL (plain or .gz)")],
     meta: Annotated[str | None, typer.Option(help="item metadata file URL")] = None,
     images: Annotated[str, typer.Option(help="yes, no, or auto (= yes when the metadata has image URLs)")] = "auto",
+    text_features: Annotated[str | None, typer.Option(help="precomputed text features (URL) to import instead "
+                                                      "of encoding the item text")] = None,
+    image_features: Annotated[str | None, typer.Option(help="precomputed image features (URL) to import "
+                                                       "instead of encoding images")] = None,
+    feature_index: Annotated[str | None, typer.Option(help="the features' item index (URL): row -> item id")]
+    = None,
+    feature_format: Annotated[str, typer.Option(help="auto, unisrec, mmrec, npy or parquet")] = "auto",
+    feature_provenance: Annotated[str, typer.Option(help="what made the features, e.g. 'CLIP ViT-B/32'")] = "",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="check the sources, print the params diff, change nothing")]
     = False,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Check a new catalog's sources, add it to params.yaml, run its pipeline (Prefect flow onboard-catalog)."""
     from cammsr.evaluate.report import metrics_table
-    from cammsr.ops.onboard import discard_plan, plan_onboarding
+    from cammsr.ops.onboard import discard_plan, plan_onboarding, precomputed_sources
     from cammsr.ops.params_edit import ParamsEditError
     from cammsr.ops.source_check import SourceError
     from flows.dag import StagesFailed
 
     try:
+        features = precomputed_sources(text_features, image_features, feature_index, feature_format,
+                                       feature_provenance)
         if dry_run:
-            plan = plan_onboarding(name, reviews, meta, images, root=Path.cwd(), params_path=params_path)
+            plan = plan_onboarding(name, reviews, meta, images, root=Path.cwd(), params_path=params_path,
+                                   features=features)
             discard_plan(plan)
             typer.echo("\n".join(plan.lines()))
             typer.echo(f"\ndry run: {params_path} would change as follows (nothing written):")
@@ -234,7 +245,7 @@ def onboard(
         from flows.onboard import onboard_catalog
 
         result = onboard_catalog(name=name, reviews=reviews, meta=meta, images=images, params_path=str(params_path),
-                                 root=str(Path.cwd()))
+                                 root=str(Path.cwd()), features={m: f.model_dump() for m, f in features.items()})
     except (SourceError, ParamsEditError, ValueError) as exc:
         console.print(f"[red]onboarding {name} failed, {params_path} is unchanged: {exc}")
         raise typer.Exit(2) from exc

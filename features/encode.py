@@ -20,11 +20,12 @@ from typing import Any
 import pyarrow.parquet as pq
 import torch
 
-from cammsr.core.config import ImageFeatureParams, TextFeatureParams
+from cammsr.core.config import ImageFeatureParams, PrecomputedFeatures, TextFeatureParams
 from cammsr.core.device import pick_device
 from cammsr.core.paths import CatalogPaths
 from cammsr.core.summary import StageSummary
 from features.image import RANDOM_INIT_SEED, ImageSpec
+from features.imported import import_from_raw
 from features.store import DEFAULT_CHUNK_SIZE, EncodedChunk, UpsertReport, upsert
 from features.text import TEMPLATE_FIELDS, TextSpec, TextTemplate, package_version
 
@@ -161,12 +162,17 @@ def encode_text(
     dask_address: str | None = None,
     dask_workers: int = 2,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    precomputed: PrecomputedFeatures | None = None,
 ) -> StageSummary:
     """Upsert ``paths.text_features`` with one embedding per item of ``paths.items``.
 
     ``runner``/``dask_address``/``dask_workers``/``chunk_size`` are ``features.*`` in params:
     ``dask`` encodes on Dask workers (`features.distributed`), ``local`` in this process.
+    With ``precomputed`` (the catalog's ``text_features``), the features are imported from that
+    file instead (`features.imported`).
     """
+    if precomputed is not None:
+        return import_from_raw(name, "text", precomputed, paths)
     started = time.perf_counter()
     template = TextTemplate(params.template)
     cols = read_columns(paths.items, ["item_id", *TEMPLATE_FIELDS])
@@ -210,13 +216,17 @@ def encode_image(
     dask_address: str | None = None,
     dask_workers: int = 2,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    precomputed: PrecomputedFeatures | None = None,
 ) -> StageSummary:
     """Upsert ``paths.image_features`` with one embedding per item that has a usable image.
 
     Items whose ingest status is not ``ok`` are counted as ``no_image`` and get no row; images
     listed ``ok`` that cannot be read, verified or decoded here are ``failed`` (reasons in notes).
-    The scale-out keywords are as for `encode_text`.
+    The scale-out keywords are as for `encode_text`; ``precomputed`` (the catalog's
+    ``image_features``) imports the features from that file instead of encoding images.
     """
+    if precomputed is not None:
+        return import_from_raw(name, "image", precomputed, paths)
     started = time.perf_counter()
     item_ids = read_columns(paths.items, ["item_id"])["item_id"]
     _check_unique(item_ids, paths.items)

@@ -1,6 +1,7 @@
 """Onboard a catalog as a Prefect flow: check the sources, add it to params.yaml, run its pipeline.
 
-    cammsr onboard NAME --reviews URL --meta URL [--images yes|no|auto] [--dry-run]
+    cammsr onboard NAME --reviews URL --meta URL [--images yes|no|auto] [--image-features URL
+        --feature-index URL] [--dry-run]
 
 A bad source fails the first task with a message naming the URL, before params.yaml is touched.
 The pipeline then runs for the new catalog only, through the same DVC-consistent stages as the
@@ -15,6 +16,7 @@ import json
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from cammsr.core.config import PrecomputedFeatures
 from cammsr.evaluate.report import markdown_table
 from cammsr.ops.onboard import OnboardPlan, apply_plan, discard_plan, plan_onboarding
 from cammsr.ops.registry import CATALOG_STAGES
@@ -26,10 +28,13 @@ from flows.tasks import retry_on_transient
 
 @task(retries=1, retry_delay_seconds=30, retry_condition_fn=retry_on_transient, cache_policy=NO_CACHE,
       task_run_name="check_source[{name}]")
-def check_task(name: str, reviews: str, meta: str | None, images: str, root: str, params_path: str) -> OnboardPlan:
+def check_task(name: str, reviews: str, meta: str | None, images: str, root: str, params_path: str,
+               features: dict[str, dict] | None = None) -> OnboardPlan:
     """Fetch and check the sources; compute the params.yaml edit (nothing in the project changes)."""
     project = Project.at(root, params_path)
-    plan = plan_onboarding(name, reviews, meta, images, root=project.root, params_path=project.params_path)
+    sources = {m: PrecomputedFeatures.model_validate(f) for m, f in (features or {}).items()}
+    plan = plan_onboarding(name, reviews, meta, images, root=project.root, params_path=project.params_path,
+                           features=sources)
     logger = get_run_logger()
     for line in plan.lines():
         logger.info(line)
@@ -52,7 +57,8 @@ def modalities_used(stages: list[dict]) -> str:
 
 @flow(name="onboard-catalog", log_prints=True)
 def onboard_catalog(name: str, reviews: str, meta: str | None = None, images: str = "auto",
-                    dry_run: bool = False, params_path: str = "params.yaml", root: str = ".") -> dict:
+                    dry_run: bool = False, params_path: str = "params.yaml", root: str = ".",
+                    features: dict[str, dict] | None = None) -> dict:
     """Check ``reviews``/``meta``, add catalog ``name`` to params.yaml, run the pipeline for it only.
 
     Args:
@@ -60,12 +66,14 @@ def onboard_catalog(name: str, reviews: str, meta: str | None = None, images: st
         reviews, meta: http(s):// or file: URLs (plain or gzip; Amazon 2014/2018/2023, auto-detected).
         images: ``yes``, ``no`` or ``auto`` (= yes when the metadata has image URLs).
         dry_run: stop after the check; return the report and the params.yaml diff.
+        features: precomputed features by modality, e.g. ``{"image": {"file": URL, "index": URL,
+            "format": "auto", "provenance": "..."}}`` (imported instead of encoded).
 
     Returns:
         ``{"catalog", "entry", "report": [lines], "diff", "stages": [...], "modalities", "metrics"}``.
     """
     project = Project.at(root, params_path)
-    plan = check_task(name, reviews, meta, images, str(project.root), str(project.params_path))
+    plan = check_task(name, reviews, meta, images, str(project.root), str(project.params_path), features)
     result: dict = {"catalog": name, "entry": plan.entry, "report": plan.lines(), "diff": plan.diff()}
     report_md = ["## Source check", "", "```", *plan.lines(), "```", "", "## params.yaml", "", "```diff",
                  plan.diff(), "```"]

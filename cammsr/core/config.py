@@ -27,6 +27,22 @@ class ProjectParams(Section):
     data_dir: str = "data"
 
 
+FeatureFormat = Literal["auto", "unisrec", "mmrec", "npy", "parquet"]
+
+
+class PrecomputedFeatures(Section):
+    """A modality's features shipped as a file instead of encoded here (UniSRec/MISSRec, MMRec, npy, Parquet)."""
+
+    file: str = Field(description="http(s):// or file: URL of the feature file")
+    index: str | None = Field(default=None, description="URL of its item index (row -> item id); "
+                              "not needed for Parquet")
+    format: FeatureFormat = "auto"
+    provenance: str = Field(default="", description="what made the features, e.g. the encoder's name")
+
+    def urls(self) -> list[str]:
+        return [self.file] + ([self.index] if self.index else [])
+
+
 class CatalogParams(Section):
     reviews: str = Field(description="http(s):// or file: URL of the reviews file (plain or .gz)")
     meta: str | None = Field(default=None, description="URL of the product metadata file")
@@ -35,6 +51,20 @@ class CatalogParams(Section):
         default="params.yaml",
         description="what DVC watches to rerun ingest: the local source dir, or the http URL of the reviews",
     )
+    text_features: PrecomputedFeatures | None = Field(default=None, description="import text features "
+                                                      "from a file instead of encoding the item text")
+    image_features: PrecomputedFeatures | None = Field(default=None, description="import image features "
+                                                       "from a file instead of encoding the images")
+
+    def precomputed(self, modality: Literal["text", "image"]) -> PrecomputedFeatures | None:
+        return self.text_features if modality == "text" else self.image_features
+
+    def source_urls(self) -> list[str]:
+        """Every file ingest fetches into ``raw/``: reviews, metadata, precomputed features and their indexes."""
+        urls = [self.reviews] + ([self.meta] if self.meta else [])
+        for pre in (self.text_features, self.image_features):
+            urls += pre.urls() if pre else []
+        return urls
 
 
 class DemoParams(Section):

@@ -6,8 +6,19 @@ themselves, so DVC's ``outs`` in dvc.yaml and the code agree in one place.
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+
+def raw_name(url: str) -> str:
+    """A safe file name for ``url``: 16 hex chars of sha1(url) + the sanitized basename."""
+    digest = hashlib.sha1(url.encode()).hexdigest()[:16]
+    base = unquote(urlsplit(url).path).rsplit("/", 1)[-1]
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")[-100:]
+    return f"{digest}-{base}" if base else digest
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,10 @@ class CatalogPaths:
     @property
     def raw_dir(self) -> Path:
         return self.root / "raw"
+
+    def raw_file(self, url: str) -> Path:
+        """Where ingest keeps the file fetched from ``url``."""
+        return self.raw_dir / raw_name(url)
 
     @property
     def manifest(self) -> Path:

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from cammsr.core.atomic import write_json_atomic
 from cammsr.core.config import IngestParams
+from cammsr.core.paths import raw_name
 
 log = logging.getLogger(__name__)
 
@@ -147,14 +148,6 @@ def resolve_reference(base: str, ref: str | None) -> str | None:
     if ref.startswith("/"):
         return prefix + ref
     return prefix + posixpath.normpath(posixpath.join(posixpath.dirname(parts.path), ref))
-
-
-def raw_name(url: str) -> str:
-    """A safe file name for ``url``: 16 hex chars of sha1(url) + the sanitized basename."""
-    digest = hashlib.sha1(url.encode()).hexdigest()[:16]
-    base = unquote(urlsplit(url).path).rsplit("/", 1)[-1]
-    base = re.sub(r"[^A-Za-z0-9._-]", "_", base).lstrip(".")[-100:]
-    return f"{digest}-{base}" if base else digest
 
 
 def sha256_file(path: Path) -> str:

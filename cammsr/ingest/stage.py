@@ -62,8 +62,7 @@ def run_ingest(
     started = time.perf_counter()
     root = Path(root)
     policy = policy or RetryPolicy.from_params(params)
-    urls = [catalog.reviews] + ([catalog.meta] if catalog.meta else [])
-    fetched = download_sources(urls, paths.raw_dir, paths.manifest, policy=policy,
+    fetched = download_sources(catalog.source_urls(), paths.raw_dir, paths.manifest, policy=policy,
                                concurrency=params.concurrency, root=root)
     reviews_file, meta_file = fetched[0], (fetched[1] if catalog.meta else None)
     notes: list[str] = []

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from cammsr.core.config import load_params
+from cammsr.core.config import PrecomputedFeatures, load_params
 from cammsr.core.paths import CatalogPaths
 from cammsr.ingest.download import RetryPolicy, local_path
 from cammsr.ops.params_edit import ParamsEditError, add_catalog_text, unified_diff, write_if_unchanged
@@ -64,15 +64,19 @@ def parse_images(value: str | bool) -> ImagesChoice:
     return choice  # type: ignore[return-value]
 
 
-def source_dep(reviews: str, meta: str | None, root: Path) -> str:
+def source_dep(reviews: str, meta: str | None, root: Path, others: list[str] | None = None) -> str:
     """What DVC should watch to rerun ingest: the folder of local sources, or the reviews' http URL.
 
+    ``others``: more source files (precomputed features, their index); the local ones share the folder.
+
     Raises:
-        SourceError: local reviews and metadata share no folder but ``/``.
+        SourceError: local sources share no folder but ``/``.
     """
     if urlsplit(reviews).scheme.lower() in ("http", "https"):
         return reviews  # DVC checks an http dependency by its ETag
-    files = [reviews] + ([meta] if meta and local_path(meta, root) is not None else [])
+    candidates = [meta] if meta else []
+    candidates += others or []
+    files = [reviews] + [u for u in candidates if local_path(u, root) is not None]
     raw = [local_path(u, root) for u in files]  # absolute: relative ones are taken under root
     folders = {Path(os.path.normpath(p)).parent for p in raw if p is not None}
     common = Path(os.path.commonpath([str(f) for f in folders]))
@@ -84,10 +88,28 @@ def source_dep(reviews: str, meta: str | None, root: Path) -> str:
         return str(common.resolve())
 
 
+def precomputed_sources(text_features: str | None = None, image_features: str | None = None,
+                        feature_index: str | None = None, feature_format: str = "auto",
+                        provenance: str = "") -> dict[str, PrecomputedFeatures]:
+    """The ``--text-features`` / ``--image-features`` options as params entries (one index for both)."""
+    out = {}
+    for modality, url in (("text", text_features), ("image", image_features)):
+        if url:
+            out[modality] = PrecomputedFeatures(file=url, index=feature_index, format=feature_format,
+                                                provenance=provenance)
+    if feature_index and not out:
+        raise ValueError("--feature-index needs --text-features or --image-features")
+    return out
+
+
 def plan_onboarding(name: str, reviews: str, meta: str | None, images: ImagesChoice | str = "auto", *,
                     root: Path = Path("."), params_path: Path = Path("params.yaml"),
-                    policy: RetryPolicy | None = None) -> OnboardPlan:
+                    policy: RetryPolicy | None = None,
+                    features: dict[str, PrecomputedFeatures] | None = None) -> OnboardPlan:
     """Check the sources of catalog ``name`` and compute the params.yaml edit; the project is not touched.
+
+    ``features``: precomputed feature files by modality (`precomputed_sources`), fetched and checked
+    with the other sources and written into the catalog's entry.
 
     Raises:
         ValueError: a bad name or ``images`` value.
@@ -110,7 +132,8 @@ def plan_onboarding(name: str, reviews: str, meta: str | None, images: ImagesCho
         report = check_source(reviews, meta, staging / "raw", policy=policy or RetryPolicy.from_params(params.ingest),
                               root=root, images=choice != "no", user_core=params.splits.user_core,
                               category_level=params.ingest.category_level,
-                              max_quarantine_fraction=params.ingest.max_quarantine_fraction)
+                              max_quarantine_fraction=params.ingest.max_quarantine_fraction,
+                              features=features)
         notes = []
         with_images = choice == "yes" or (choice == "auto" and report.has_images)
         if choice == "yes" and not report.has_images:
@@ -118,8 +141,11 @@ def plan_onboarding(name: str, reviews: str, meta: str | None, images: ImagesCho
         if report.users_at_core == 0:
             notes.append(f"warning: no user has {params.splits.user_core} interactions; the "
                          f"{params.splits.user_core}-core split will be empty")
-        entry = {"reviews": reviews, "meta": meta, "images": with_images,
-                 "source_dep": source_dep(reviews, meta, root)}
+        feature_urls = [u for f in (features or {}).values() for u in f.urls()]
+        entry: dict[str, object] = {"reviews": reviews, "meta": meta, "images": with_images,
+                                    "source_dep": source_dep(reviews, meta, root, feature_urls)}
+        for modality, source in (features or {}).items():
+            entry[f"{modality}_features"] = source.model_dump()
         stamp = datetime.now(UTC).strftime("%Y-%m-%d")
         new_text = add_catalog_text(old_text, name, entry, source=str(params_path),
                                     comment=f"onboarded by `cammsr onboard` on {stamp}")

@@ -108,12 +108,14 @@ def _scale_out(features) -> dict[str, Any]:
 
 
 def _encode_text(fn, p, ctx: StageContext) -> StageSummary:
-    return fn(ctx.catalog, p.features.text, ctx.paths, device=p.project.device, **_scale_out(p.features))
+    return fn(ctx.catalog, p.features.text, ctx.paths, device=p.project.device, **_scale_out(p.features),
+              precomputed=p.catalogs[ctx.catalog].text_features)
 
 
 def _encode_image(fn, p, ctx: StageContext) -> StageSummary:
     return fn(ctx.catalog, p.features.image, ctx.paths, device=p.project.device,
-              max_image_pixels=p.ingest.max_image_pixels, **_scale_out(p.features))
+              max_image_pixels=p.ingest.max_image_pixels, **_scale_out(p.features),
+              precomputed=p.catalogs[ctx.catalog].image_features)
 
 
 def _split(fn, p, ctx: StageContext) -> StageSummary:
@@ -148,15 +150,17 @@ STAGES: tuple[StageSpec, ...] = (
         help="Download the catalog's raw files and images; normalize to Parquet.",
     ),
     StageSpec(
-        "encode_text", "features.encode:encode_text", _encode_text, params=("features.text",),
-        untracked=_WHERE_ENCODING_RUNS, cli="cammsr encode --modality text", deps=("items",), group="features",
+        "encode_text", "features.encode:encode_text", _encode_text, params=("features.text", "catalogs.{catalog}"),
+        untracked=_WHERE_ENCODING_RUNS, cli="cammsr encode --modality text", deps=("items", "raw_dir"),
+        group="features",
         outs=(Out("text_features", persist=True, note=_INCREMENTAL),),
         help="Encode item text (transformers) into the feature store.",
     ),
     StageSpec(
         "encode_image", "features.encode:encode_image", _encode_image,
-        params=("features.image", "ingest.max_image_pixels"), untracked=_WHERE_ENCODING_RUNS,
-        cli="cammsr encode --modality image", deps=("images_table", "images_dir"), group="features",
+        params=("features.image", "ingest.max_image_pixels", "catalogs.{catalog}"), untracked=_WHERE_ENCODING_RUNS,
+        cli="cammsr encode --modality image", deps=("items", "images_table", "images_dir", "raw_dir"),
+        group="features",
         outs=(Out("image_features", persist=True, note=_INCREMENTAL),),
         help="Encode item images (open_clip) into the feature store.",
     ),

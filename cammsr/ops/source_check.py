@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cammsr.core.config import PrecomputedFeatures
 from cammsr.ingest.download import DownloadError, FetchResult, RetryPolicy, download_sources
 from cammsr.ingest.formats import GZIP_MAGIC, FormatError, Kind, SourceReader, decode_record, iter_lines
 from cammsr.ingest.normalize import category_label
 from cammsr.ingest.quarantine import Quarantine
+from features.imported import FeatureFileError, read_features
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,21 @@ class FileReport:
 
 
 @dataclass
+class FeatureReport:
+    """A precomputed feature file of one modality, read and checked."""
+
+    url: str
+    format: str
+    rows: int
+    dim: int
+    covered: int  # reviewed items that have a row
+
+    def line(self, modality: str, items: int) -> str:
+        return (f"{modality} features: {self.url}: {self.format}, {self.rows:,} rows x {self.dim}, "
+                f"{self.covered:,} of {items:,} reviewed items covered")
+
+
+@dataclass
 class SourceReport:
     """What onboarding learned about a catalog's sources (printed, and put in the flow's artifact)."""
 
@@ -76,6 +93,7 @@ class SourceReport:
     examples: dict[str, str] = field(default_factory=dict)
     categories: int = 0  # distinct labels at ingest.category_level among described items
     images_wanted: bool = True
+    features: dict[str, FeatureReport] = field(default_factory=dict)  # imported modalities
 
     @property
     def has_text(self) -> bool:
@@ -97,6 +115,8 @@ class SourceReport:
             out["image"] = f"yes: {self.fields['image_url']:,} of {self.items:,} items have an image URL"
         else:
             out["image"] = "no: no image URLs in the metadata"
+        for modality, feat in self.features.items():  # imported features replace the encoder's input
+            out[modality] = f"yes: imported {feat.dim}-d features for {feat.covered:,} of {self.items:,} items"
         return out
 
     def lines(self) -> list[str]:
@@ -116,6 +136,7 @@ class SourceReport:
         for f in ITEM_FIELDS:
             example = f"  e.g. {self.examples[f]!r}" if f in self.examples else ""
             out.append(f"  {f:<12} {pct[f]:6.1%}{example}")
+        out += [feat.line(m, self.items) for m, feat in self.features.items()]
         out.append("modalities: " + "; ".join(f"{m} {why}" for m, why in self.modalities().items()))
         return out
 
@@ -193,6 +214,7 @@ def check_source(
     user_core: int = 5,
     category_level: int = 1,
     max_quarantine_fraction: float = 0.01,
+    features: dict[str, PrecomputedFeatures] | None = None,
 ) -> SourceReport:
     """Fetch ``reviews`` (and ``meta``) into ``raw_dir`` and check that ingest can use them.
 
@@ -202,11 +224,13 @@ def check_source(
         policy: retries and timeouts (from ``params.ingest``).
         images: whether the catalog will fetch images (only affects the modality report).
         user_core, category_level, max_quarantine_fraction: the project's params, for the counts.
+        features: precomputed feature files by modality (``text``/``image``), fetched and checked too.
 
     Raises:
         SourceError: the first problem found, naming the URL.
     """
-    urls = [reviews] + ([meta] if meta else [])
+    features = features or {}
+    urls = [reviews] + ([meta] if meta else []) + [u for f in features.values() for u in f.urls()]
     try:
         fetched = download_sources(urls, raw_dir, raw_dir / "manifest.json", policy=policy, concurrency=2,
                                    root=root)
@@ -237,6 +261,19 @@ def check_source(
     )
     if meta:
         _read_meta(report, fetched[1], items, quarantine, category_level, max_quarantine_fraction)
+    by_url = {f.entry.url: f.path for f in fetched}
+    for modality, source in features.items():
+        try:
+            matrix = read_features(by_url[source.file], by_url.get(source.index) if source.index else None,
+                                   source.format)
+        except FeatureFileError as exc:
+            raise _fail(source.file, f"{modality} features unusable: {exc}") from exc
+        covered = len(items.keys() & set(matrix.item_ids))
+        if covered == 0:
+            raise _fail(source.file, f"none of its {len(matrix.item_ids):,} item ids is a reviewed item "
+                                     f"(e.g. {matrix.item_ids[:3]}); is the index the right one?")
+        report.features[modality] = FeatureReport(source.file, matrix.format, len(matrix.item_ids), matrix.dim,
+                                                  covered)
     log.info("source check: %s", "; ".join(f"{m} {why}" for m, why in report.modalities().items()))
     return report
 

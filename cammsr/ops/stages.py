@@ -98,9 +98,9 @@ def fetch_sources(catalog: str, project: Project) -> StageSummary:
     p = project.params()
     cat = p.catalog(catalog)
     paths = project.paths(catalog, p)
-    urls = [cat.reviews] + ([cat.meta] if cat.meta else [])
-    fetched = download_sources(urls, paths.raw_dir, paths.manifest, policy=RetryPolicy.from_params(p.ingest),
-                               concurrency=p.ingest.concurrency, root=project.root)
+    fetched = download_sources(cat.source_urls(), paths.raw_dir, paths.manifest,
+                               policy=RetryPolicy.from_params(p.ingest), concurrency=p.ingest.concurrency,
+                               root=project.root)
     counts = {"files": len(fetched), "changed": sum(f.changed for f in fetched),
               "bytes_downloaded": sum(f.bytes_transferred for f in fetched)}
     notes = [f"{f.entry.url}: {'changed' if f.changed else 'unchanged'}" for f in fetched]
