@@ -58,15 +58,20 @@ MALLOC_FIX = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000"}
 TOYS = {"reviews": "file:../shared/data/toys-seq/reviews_ToysSeq_5.json.gz",
         "meta": "file:../shared/data/toys-seq/meta_ToysSeq.json.gz", "images": False,
         "source_dep": "../shared/data/toys-seq"}
+SCIENTIFIC = {"reviews": "file:../shared/data/scientific-mm/reviews_Scientific_5.json.gz",
+              "meta": "file:../shared/data/scientific-mm/meta_Scientific.json.gz", "images": False,
+              "source_dep": "../shared/data/scientific-mm"}
+SHARED_CATALOGS = {"toys": TOYS, "scientific": SCIENTIFIC}  # ID-only comparisons need no features
 
 
 def scratch_params(path: Path, catalog: str) -> Path:
-    """A params file = the repo's params.yaml + the ``toys`` catalog, outputs under data/bench/."""
-    if catalog != "toys":
-        raise SystemExit(f"catalog {catalog!r}: pass --params with a file that defines it")
+    """A params file = the repo's params.yaml + one shared catalog (toys, scientific), outputs under data/bench/."""
+    if catalog not in SHARED_CATALOGS:
+        raise SystemExit(f"catalog {catalog!r}: pass --params with a file that defines it "
+                         f"(built in: {', '.join(SHARED_CATALOGS)})")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["project"]["data_dir"] = str(BENCH)
-    params["catalogs"] = {"toys": TOYS}
+    params["catalogs"] = {catalog: SHARED_CATALOGS[catalog]}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
@@ -189,7 +194,7 @@ def main() -> None:
         args.epochs, args.seeds = 1, "0"
     if not args.recbole_python.exists():
         raise SystemExit(f"{args.recbole_python}: no RecBole venv; run `bash benchmarks/setup_recbole.sh` first")
-    args.params = args.params or scratch_params(BENCH / "params.yaml", args.catalog)
+    args.params = args.params or scratch_params(BENCH / f"params-{args.catalog}.yaml", args.catalog)
     seeds = [int(s) for s in args.seeds.split(",")]
 
     paths = prepare(args.catalog, args.params)
