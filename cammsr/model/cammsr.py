@@ -34,6 +34,7 @@ CHOICES = {  # ModelConfig fields that take one of a few names
     "norm": ("dyt", "layernorm"),
     "dyt_scope": ("input", "all"),
     "weight_mode": ("confidence", "learned"),
+    "feature_norm": ("none", "center_l2"),
 }
 
 
@@ -43,6 +44,7 @@ class ModelConfig:
     num_categories: int  # C
     text_dim: int = 0  # width of the frozen text features; 0 = no text store
     image_dim: int = 0  # width of the frozen image features; 0 = no image store
+    feature_norm: str = "center_l2"  # how the frozen features were prepared (cammsr.model.io.padded_features)
     hidden_size: int = 64  # d; SASRec/RecBole default
     num_layers: int = 2
     num_heads: int = 2

@@ -25,16 +25,19 @@ log = logging.getLogger(__name__)
 
 def config_from_params(train: TrainParams, split: SplitData, split_params: SplitParams,
                        text_dim: int, image_dim: int) -> ModelConfig:
-    """The model config for ``train`` (``train.model == "sasrec"`` applies the SASRec switches)."""
+    """The model config for ``train`` (``train.model == "sasrec"`` applies the SASRec switches).
+
+    The one place a `ModelConfig` is made from params; a checkpoint stores the result (`save_checkpoint`).
+    """
     cfg = ModelConfig(
         num_items=split.num_items, num_categories=max(split.num_categories, 1), text_dim=text_dim,
-        image_dim=image_dim, hidden_size=train.hidden_size, num_layers=train.num_layers,
-        num_heads=train.num_heads, ffn_size=train.ffn_size, dropout=train.dropout,
+        image_dim=image_dim, feature_norm=train.feature_norm, hidden_size=train.hidden_size,
+        num_layers=train.num_layers, num_heads=train.num_heads, ffn_size=train.ffn_size, dropout=train.dropout,
         max_seq_len=split_params.max_seq_len, use_id=train.use_id, use_text=train.use_text,
         use_image=train.use_image, num_experts=train.num_experts, category_guidance=train.category_guidance,
-        lambda_cat=train.lambda_cat, swap_cl=train.swap_cl, swap_prob=train.swap_prob, lambda_cl=train.lambda_cl,
-        cl_temperature=train.cl_temperature, norm=train.norm, dyt_scope=train.dyt_scope,
-        dyt_alpha_init=train.dyt_alpha_init,
+        weight_mode=train.weight_mode, lambda_cat=train.lambda_cat, swap_cl=train.swap_cl,
+        swap_prob=train.swap_prob, lambda_cl=train.lambda_cl, cl_temperature=train.cl_temperature,
+        norm=train.norm, dyt_scope=train.dyt_scope, dyt_alpha_init=train.dyt_alpha_init,
     )
     return cfg.sasrec() if train.model == "sasrec" else cfg
 
@@ -105,10 +108,14 @@ def _renamed(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(path: Path, split: SplitData, paths: CatalogPaths, map_location: str | torch.device = "cpu"
                     ) -> tuple[CAMMSR, dict]:
-    """Rebuild the model saved at ``path`` (weights_only=True) with features re-read from the stores."""
+    """Rebuild the model saved at ``path`` (weights_only=True) with features re-read from the stores,
+    prepared as in training (the config's ``feature_norm``)."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    cfg = ModelConfig(**ckpt["config"])
-    feats = item_features(paths, split.item_ids, ckpt.get("feature_norm", "none"))
+    config = dict(ckpt["config"])
+    # Older checkpoints keep feature_norm beside the config; older still predate it (raw features).
+    config.setdefault("feature_norm", ckpt.get("feature_norm", "none"))
+    cfg = ModelConfig(**config)
+    feats = item_features(paths, split.item_ids, cfg.feature_norm)
     widths = feats["text"][0].shape[1], feats["image"][0].shape[1]
     if (cfg.text_dim, cfg.image_dim) != widths:
         raise ValueError(f"{path}: trained with feature widths text={cfg.text_dim} image={cfg.image_dim}, "

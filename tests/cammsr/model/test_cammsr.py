@@ -196,6 +196,7 @@ def test_construction_errors_name_what_was_expected(args, error, match):
     ({"norm": "rmsnorm"}, "ModelConfig.norm: expected one of"),
     ({"weight_mode": "mean"}, "ModelConfig.weight_mode: expected one of"),
     ({"dyt_scope": "blocks"}, "ModelConfig.dyt_scope: expected one of"),
+    ({"feature_norm": "l2"}, "ModelConfig.feature_norm: expected one of"),
     ({"num_heads": 3}, "not divisible by num_heads 3"),
     ({"use_id": False, "use_text": False}, "no modality is active"),
 ])
