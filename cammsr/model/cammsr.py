@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cammsr.model.checks import check_features, check_items, check_lengths, check_seq, check_table, check_targets
 from cammsr.model.chunked_ce import chunked_softmax_ce
 from cammsr.model.dyt import make_norm
 from cammsr.model.losses import info_nce
@@ -193,18 +194,18 @@ class CAMMSR(nn.Module):
         self.cfg, d, n = cfg, cfg.hidden_size, cfg.num_items + 1
         self.mods = cfg.modalities
         M = len(self.mods)
-        _check_table("item_category", item_category, n)
+        check_table("item_category", item_category, n)
         self.register_buffer("item_category", item_category.long().clone())  # [N+1]
         given = {"text": (text_features, text_present, cfg.text_dim),
                  "image": (image_features, image_present, cfg.image_dim)}
         feature_mods = [m for m in FEATURE_MODALITIES if m in self.mods]
         for m in feature_mods:
-            _check_features(m, *given[m], n)
+            check_features(m, *given[m], n)
 
         # The order below is the order of random initialisation (construction, then `self.apply`):
         # changing it changes every trained number.
 
-        # ---- 1. Item representations (STATED): ID embedding; frozen text/image -> Linear --------
+        # 1. Item representations (STATED): ID embedding; frozen text/image -> Linear.
         if "id" in self.mods:
             self.id_emb = nn.Embedding(n, d, padding_idx=0)  # [N+1, d]
         self.frozen = nn.ModuleDict({m: FrozenFeatures(*given[m][:2]) for m in feature_mods})
@@ -213,7 +214,7 @@ class CAMMSR(nn.Module):
         self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(d)) for m in feature_mods})  # [d] each
         self.pos_emb = nn.Embedding(cfg.max_seq_len, d)  # [L_max, d] one table, added to each modality
 
-        # ---- 2. CAMoE (STATED): K shared experts, one attentive gate per modality; category heads -> w_m
+        # 2. CAMoE (STATED): K shared experts, one attentive gate per modality; category heads -> w_m.
         self.use_moe = cfg.num_experts > 0
         if self.use_moe:
             K = cfg.num_experts
@@ -225,12 +226,12 @@ class CAMMSR(nn.Module):
                 if cfg.weight_mode == "learned":
                     self.weight_mlp = nn.Linear(M * cfg.num_categories, M)
 
-        # ---- 3. Modality swap (STATED): no parameters, see `swap_views` ------------------------
-
-        # ---- 4. User interest learning (STATED): per modality DyT -> Dropout -> Transformer (shared)
+        # 3. Modality swap (STATED): no parameters (`swap_views`).
+        # 4. User interest learning (STATED): per modality DyT -> Dropout -> Transformer (shared).
         self.input_norm = nn.ModuleDict({m: make_norm(cfg.norm, d, cfg.dyt_alpha_init) for m in self.mods})
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        # 5. Scores and loss: against the item tables of 1, no parameters of their own.
         self.apply(self._init)
 
     @staticmethod
@@ -334,12 +335,9 @@ class CAMMSR(nn.Module):
             TypeError, ValueError: ``seq`` is not a 2-D LongTensor of at most max_seq_len positions, or
                 (for a CPU tensor; checking on a GPU would cost a sync per step) holds an index outside 0..N.
         """
-        self._check_seq(seq)
+        check_seq(seq, self.cfg.max_seq_len)
         items, inverse = torch.unique(seq, return_inverse=True)  # [U], [B, L]
-        # `items` is sorted, so its ends are the batch's smallest and largest index.
-        if items.device.type == "cpu" and len(items) and (items[0] < 0 or items[-1] > self.cfg.num_items):
-            raise ValueError(f"seq: item indices must be in 0..{self.cfg.num_items}, "
-                             f"found {int(items[0])}..{int(items[-1])}")
+        check_items(items, self.cfg.num_items)  # sorted: its ends are the smallest and largest index
         refined, w, cat_logits = self.camoe(items)  # each [U, d]
         views = [refined[m][inverse] for m in self.mods]  # M x [B, L, d]
         norms = list(self.mods)
@@ -370,15 +368,11 @@ class CAMMSR(nn.Module):
         """Scores of every item after each user's last position: seq [B, L], lengths [B] -> [B, N+1].
 
         Raises:
-            ValueError: ``lengths`` is not one length per sequence, or (CPU) one is outside 1..L.
+            TypeError, ValueError: ``lengths`` is not a LongTensor with one length per sequence, or
+                (CPU) one is outside 1..L (and see `encode_views`).
         """
-        self._check_seq(seq)
-        if lengths.shape != seq.shape[:1]:
-            raise ValueError(f"lengths: expected shape ({seq.shape[0]},), one per sequence of seq "
-                             f"{tuple(seq.shape)}, found {tuple(lengths.shape)}")
-        if lengths.device.type == "cpu" and len(lengths) and (lengths.min() < 1 or lengths.max() > seq.shape[1]):
-            raise ValueError(f"lengths: expected values in 1..{seq.shape[1]} (the width of seq), "
-                             f"found {int(lengths.min())}..{int(lengths.max())}")
+        check_seq(seq, self.cfg.max_seq_len)
+        check_lengths(lengths, seq)
         z = self.encode_views(seq, last=lengths - 1).z  # [M, B, 1, d]: only the last position
         return self.scores(z[:, :, 0])  # [B, N+1]
 
@@ -398,11 +392,8 @@ class CAMMSR(nn.Module):
         Raises:
             TypeError, ValueError: ``targets`` is not a LongTensor of ``seq``'s shape (and see `encode_views`).
         """
-        self._check_seq(seq)
-        if not isinstance(targets, torch.Tensor) or targets.dtype != torch.long:
-            raise TypeError(f"targets: expected a LongTensor [B, L], found {_describe(targets)}")
-        if targets.shape != seq.shape:
-            raise ValueError(f"targets: expected the shape of seq {tuple(seq.shape)}, found {tuple(targets.shape)}")
+        check_seq(seq, self.cfg.max_seq_len)
+        check_targets(targets, seq)
         out = self.encode_views(seq)
         pos = targets > 0  # [B, L]
         z = out.z[:, pos]  # [M, P, d]
@@ -432,47 +423,8 @@ class CAMMSR(nn.Module):
             parts["cl"] = loss_cl.detach()
         return loss, {k: float(v) for k, v in parts.items()}
 
-    # ---- checks and helpers --------------------------------------------------------------------
-    def _check_seq(self, seq: torch.Tensor) -> None:
-        """Shape and dtype of a batch (no values: on a GPU reading one costs a sync)."""
-        if not isinstance(seq, torch.Tensor) or seq.dtype != torch.long:
-            raise TypeError(f"seq: expected a LongTensor [B, L] of item indices, found {_describe(seq)}")
-        if seq.ndim != 2:
-            raise ValueError(f"seq: expected 2 dimensions [B, L], found shape {tuple(seq.shape)}")
-        if seq.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"seq: {seq.shape[1]} positions, longer than max_seq_len {self.cfg.max_seq_len} "
-                             f"(the position table's size)")
-
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-
-def _describe(x: object) -> str:
-    return f"{x.dtype} tensor of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
-
-
-def _check_table(name: str, x: object, rows: int) -> None:
-    """``x`` is a tensor with one row per item, padding included."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a tensor with {rows} rows (N+1), found {type(x).__name__}")
-    if x.ndim < 1 or x.shape[0] != rows:
-        raise ValueError(f"{name}: expected {rows} rows (num_items + 1, row 0 = padding), "
-                         f"found shape {tuple(x.shape)}")
-
-
-def _check_features(m: str, features: torch.Tensor | None, present: torch.Tensor | None, dim: int,
-                    rows: int) -> None:
-    """The frozen features [N+1, dim] and presence [N+1] of an active modality."""
-    if features is None or present is None:
-        raise ValueError(f"{m} is active (use_{m} and {m}_dim={dim}) but {m}_features or {m}_present "
-                         f"was not given")
-    _check_table(f"{m}_features", features, rows)
-    if features.ndim != 2 or features.shape[1] != dim:
-        raise ValueError(f"{m}_features: expected shape ({rows}, {dim}) ({m}_dim of the config), "
-                         f"found {tuple(features.shape)}")
-    _check_table(f"{m}_present", present, rows)
-    if present.ndim != 1:
-        raise ValueError(f"{m}_present: expected shape ({rows},), found {tuple(present.shape)}")
 
 
 def dyt_alphas(model: CAMMSR) -> list[float]:

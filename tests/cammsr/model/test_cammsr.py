@@ -233,11 +233,12 @@ def test_target_errors(targets, error, match):
         make_model().loss(SEQ, targets)
 
 
-@pytest.mark.parametrize("lengths, match", [
-    (torch.tensor([3]), r"lengths: expected shape \(2,\)"),
-    (torch.tensor([3, 0]), r"lengths: expected values in 1..3"),
-    (torch.tensor([4, 1]), r"lengths: expected values in 1..3"),
+@pytest.mark.parametrize("lengths, error, match", [
+    (torch.tensor([3]), ValueError, r"lengths: expected shape \(2,\)"),
+    (torch.tensor([3, 0]), ValueError, r"lengths: expected values in 1..3"),
+    (torch.tensor([4, 1]), ValueError, r"lengths: expected values in 1..3"),
+    (torch.tensor([3.0, 1.0]), TypeError, r"lengths: expected a LongTensor \[B\], found torch.float32"),
 ])
-def test_score_last_length_errors(lengths, match):
-    with pytest.raises(ValueError, match=match):
+def test_score_last_length_errors(lengths, error, match):
+    with pytest.raises(error, match=match):
         make_model().eval().score_last(SEQ, lengths)
