@@ -81,8 +81,8 @@ def main() -> dict:
     rows = [torch.arange(len(seq)) for seq, _, _ in batches]
 
     with torch.inference_mode():
-        full = [model.encode_views(seq)["z"][:, r, n - 1] for (seq, n, _), r in zip(batches, rows, strict=True)]
-        last = [model.encode_views(seq, last=n - 1)["z"][:, :, 0] for seq, n, _ in batches]
+        full = [model.encode_views(seq).z[:, r, n - 1] for (seq, n, _), r in zip(batches, rows, strict=True)]
+        last = [model.encode_views(seq, last=n - 1).z[:, :, 0] for seq, n, _ in batches]
         drift = max(float((a - b).abs().max()) for a, b in zip(full, last, strict=True))
         assert drift < 1e-4, f"last-position encoder differs from the full pass by {drift}"
         scores = [model.scores(z).float() for z in last]

@@ -147,6 +147,7 @@ class TrainParams(Section):
     use_image: bool = True
     num_experts: int = Field(default=4, ge=1)
     category_guidance: bool = True
+    weight_mode: Literal["confidence", "learned"] = "confidence"
     lambda_cat: float = Field(default=0.1, ge=0)
     swap_cl: bool = True
     swap_prob: float = Field(default=0.5, ge=0, le=1)

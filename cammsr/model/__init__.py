@@ -1,5 +1,5 @@
 """CAMMSR and its SASRec baseline (one model, switches in `ModelConfig`)."""
 
-from cammsr.model.cammsr import CAMMSR, ModelConfig
+from cammsr.model.cammsr import CAMMSR, ModelConfig, ModelOutput
 
-__all__ = ["CAMMSR", "ModelConfig"]
+__all__ = ["CAMMSR", "ModelConfig", "ModelOutput"]

@@ -1,11 +1,19 @@
-"""CAMMSR, top to bottom: item representations -> CAMoE -> swap views -> encoder -> loss.
+"""CAMMSR, in the order of the paper's framework figure, top to bottom:
+
+1. item representations: ID embedding; frozen text/image features -> Linear; learned missing vectors;
+   one position table added to every modality's sequence
+2. CAMoE: K shared experts, an attentive gate per modality, category-guided modality weights w_m
+3. modality swap: text and image items exchanged at random positions -> two mixed views (training only)
+4. sequence encoder: input DyT -> dropout -> Transformer blocks, shared by every modality and view
+5. scores against the item tables, and the loss L_SR + lambda_cat * L_cat + lambda_cl * L_MSCL
 
 "CAMMSR: Category-Guided Attentive Mixture of Experts for Multimodal Sequential Recommendation"
 (Xu et al., ICDE 2026). What the paper states and what is inferred: shared/design/PAPER.md.
 SASRec is this model with switches: ID only, no CAMoE, no swap-CL, LayerNorm (`ModelConfig.sasrec`).
 
 Shapes: B users, L positions (right-padded, item 0 = padding), N items (+1 padding row),
-U unique items in a batch, M active modalities, K experts, C categories, d hidden size.
+U unique items in a batch, M active modalities, K experts, C categories, d hidden size,
+D_m the width of a frozen feature store, P positions that have a target.
 """
 
 from __future__ import annotations
@@ -16,11 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cammsr.model.checks import check_features, check_items, check_lengths, check_seq, check_table, check_targets
 from cammsr.model.chunked_ce import chunked_softmax_ce
 from cammsr.model.dyt import make_norm
 from cammsr.model.losses import info_nce
 
 MODALITIES = ("id", "text", "image")
+FEATURE_MODALITIES = ("text", "image")  # the modalities read from frozen feature stores
+CHOICES = {  # ModelConfig fields that take one of a few names
+    "norm": ("dyt", "layernorm"),
+    "dyt_scope": ("input", "all"),
+    "weight_mode": ("confidence", "learned"),
+    "feature_norm": ("none", "center_l2"),
+}
 
 
 @dataclass(frozen=True)
@@ -29,6 +45,7 @@ class ModelConfig:
     num_categories: int  # C
     text_dim: int = 0  # width of the frozen text features; 0 = no text store
     image_dim: int = 0  # width of the frozen image features; 0 = no image store
+    feature_norm: str = "center_l2"  # how the frozen features were prepared (cammsr.model.io.padded_features)
     hidden_size: int = 64  # d; SASRec/RecBole default
     num_layers: int = 2
     num_heads: int = 2
@@ -50,6 +67,17 @@ class ModelConfig:
     dyt_scope: str = "input"  # "input": only the input norm; "all": every norm in the blocks too
     dyt_alpha_init: float = 0.5
 
+    def __post_init__(self) -> None:
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"ModelConfig.{key}: expected one of {allowed}, found {getattr(self, key)!r}")
+        for key in ("num_items", "num_categories", "hidden_size", "num_layers", "num_heads", "max_seq_len"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"ModelConfig.{key}: expected a positive int, found {getattr(self, key)!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"ModelConfig: hidden_size {self.hidden_size} is not divisible by "
+                             f"num_heads {self.num_heads}")
+
     @property
     def modalities(self) -> tuple[str, ...]:
         """Modalities that are switched on and have features."""
@@ -67,6 +95,42 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """What `CAMMSR.encode_views` returns; modalities are in `CAMMSR.mods` order.
+
+    Attributes:
+        z: FloatTensor [M, B, L, d] each modality's sequence output Z_m, or [M, B, 1, d] when only
+            the ``last`` position of each sequence was computed.
+        swap_views: FloatTensor [2, B, L, d] the encoded modality-swap views (text-based, image-based),
+            or None (not training, swap-CL off, or text or image inactive).
+        cat_logits: FloatTensor [M, U, C] each modality's category logits, or None without guidance.
+        unique_items: LongTensor [U] the batch's sorted unique item indices (0 when there is padding).
+        weights: FloatTensor [U, M] the modality weights w_m of those items ([U, 1] ones without CAMoE).
+    """
+
+    z: torch.Tensor
+    swap_views: torch.Tensor | None
+    cat_logits: torch.Tensor | None
+    unique_items: torch.Tensor
+    weights: torch.Tensor
+
+
+class FrozenFeatures(nn.Module):
+    """One modality's frozen encoder outputs: they move with the model but are neither trained nor saved
+    (they are re-read from the feature store on load).
+
+    Args:
+        features: FloatTensor [N+1, D_m] (row 0 = padding).
+        present: BoolTensor [N+1], False where the item lacks this modality.
+    """
+
+    def __init__(self, features: torch.Tensor, present: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("features", features.float(), persistent=False)  # [N+1, D_m]
+        self.register_buffer("present", present.bool(), persistent=False)  # [N+1]
 
 
 class Block(nn.Module):
@@ -104,13 +168,24 @@ class Block(nn.Module):
                                                dropout_p=self.attn_dropout if self.training else 0.0)
             a = a.reshape(S, 1, d)  # [S, h, 1, d/h] -> [S, 1, d]
             x = x[rows, last][:, None]  # [S, 1, d]
-        x = self.norm1(x + self.drop(self.proj(a)))
-        return self.norm2(x + self.drop(self.ff(x)))
+        x = self.norm1(x + self.drop(self.proj(a)))  # [S, L or 1, d]
+        return self.norm2(x + self.drop(self.ff(x)))  # [S, L or 1, d]
 
 
 class CAMMSR(nn.Module):
-    """The whole model. ``text_features``/``image_features``: [N+1, D] frozen (row 0 = padding),
-    ``*_present``: [N+1] bool, ``item_category``: [N+1] long (row 0 = -1)."""
+    """The whole model (or SASRec, by the config's switches).
+
+    Args:
+        cfg: sizes and switches.
+        item_category: LongTensor [N+1] each item's category (row 0 = -1); saved with the weights,
+            because it may carry the training run's category noise.
+        text_features, image_features: FloatTensor [N+1, D_m] frozen features (row 0 = padding), needed
+            for each active feature modality; D_m must be ``cfg.text_dim`` / ``cfg.image_dim``.
+        text_present, image_present: BoolTensor [N+1], False where an item lacks that modality.
+
+    Raises:
+        ValueError, TypeError: a tensor of the wrong shape or type, or an active modality without features.
+    """
 
     def __init__(self, cfg: ModelConfig, item_category: torch.Tensor,
                  text_features: torch.Tensor | None = None, text_present: torch.Tensor | None = None,
@@ -119,20 +194,25 @@ class CAMMSR(nn.Module):
         self.cfg, d, n = cfg, cfg.hidden_size, cfg.num_items + 1
         self.mods = cfg.modalities
         M = len(self.mods)
-        self.register_buffer("item_category", item_category.long().clone())  # [N+1], saved (may be noised)
+        check_table("item_category", item_category, n)
+        self.register_buffer("item_category", item_category.long().clone())  # [N+1]
+        given = {"text": (text_features, text_present, cfg.text_dim),
+                 "image": (image_features, image_present, cfg.image_dim)}
+        feature_mods = [m for m in FEATURE_MODALITIES if m in self.mods]
+        for m in feature_mods:
+            check_features(m, *given[m], n)
 
-        # 1. Item representation initialisation (STATED): ID embedding; frozen text/image -> Linear.
+        # The order below is the order of random initialisation (construction, then `self.apply`):
+        # changing it changes every trained number.
+
+        # 1. Item representations (STATED): ID embedding; frozen text/image -> Linear.
         if "id" in self.mods:
-            self.id_emb = nn.Embedding(n, d, padding_idx=0)
-        for m, feats, present in (("text", text_features, text_present), ("image", image_features, image_present)):
-            if m in self.mods:
-                assert feats is not None and present is not None, f"{m} is active but has no features"
-                self.register_buffer(f"{m}_feats", feats.float(), persistent=False)  # [N+1, D_m]
-                self.register_buffer(f"{m}_present", present.bool(), persistent=False)  # [N+1]
-                setattr(self, f"{m}_proj", nn.Linear(feats.shape[1], d))
-                # A learned vector stands in where an item lacks this modality.
-                setattr(self, f"{m}_missing", nn.Parameter(torch.zeros(d)))
-        self.pos_emb = nn.Embedding(cfg.max_seq_len, d)  # one position table, added to each modality
+            self.id_emb = nn.Embedding(n, d, padding_idx=0)  # [N+1, d]
+        self.frozen = nn.ModuleDict({m: FrozenFeatures(*given[m][:2]) for m in feature_mods})
+        self.feature_proj = nn.ModuleDict({m: nn.Linear(given[m][2], d) for m in feature_mods})  # D_m -> d
+        # A learned vector stands in where an item lacks a modality.
+        self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(d)) for m in feature_mods})  # [d] each
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, d)  # [L_max, d] one table, added to each modality
 
         # 2. CAMoE (STATED): K shared experts, one attentive gate per modality; category heads -> w_m.
         self.use_moe = cfg.num_experts > 0
@@ -146,10 +226,12 @@ class CAMMSR(nn.Module):
                 if cfg.weight_mode == "learned":
                     self.weight_mlp = nn.Linear(M * cfg.num_categories, M)
 
-        # 4. User interest learning (STATED): per modality DyT -> Dropout -> Transformer (shared weights).
+        # 3. Modality swap (STATED): no parameters (`swap_views`).
+        # 4. User interest learning (STATED): per modality DyT -> Dropout -> Transformer (shared).
         self.input_norm = nn.ModuleDict({m: make_norm(cfg.norm, d, cfg.dyt_alpha_init) for m in self.mods})
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        # 5. Scores and loss: against the item tables of 1, no parameters of their own.
         self.apply(self._init)
 
     @staticmethod
@@ -159,16 +241,38 @@ class CAMMSR(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    # ---- item representations -------------------------------------------------------------
+    # ---- 1. item representations ---------------------------------------------------------------
     def item_table(self, m: str, idx: torch.Tensor | None = None) -> torch.Tensor:
-        """e_m for items ``idx`` (LongTensor [...]), or for all N+1 items: [..., d]."""
+        """e_m for items ``idx`` (LongTensor [...]): [..., d]; without ``idx`` for all items: [N+1, d]."""
         if m == "id":
             return self.id_emb.weight if idx is None else self.id_emb(idx)
-        feats, present = getattr(self, f"{m}_feats"), getattr(self, f"{m}_present")
+        feats, present = self.frozen[m].features, self.frozen[m].present  # [N+1, D_m], [N+1]
         if idx is not None:
-            feats, present = feats[idx], present[idx]
-        e = getattr(self, f"{m}_proj")(feats)  # [..., d]
-        return torch.where(present[..., None], e, getattr(self, f"{m}_missing"))
+            feats, present = feats[idx], present[idx]  # [..., D_m], [...]
+        e = self.feature_proj[m](feats)  # [..., d]
+        return torch.where(present[..., None], e, self.missing[m])  # [..., d]
+
+    # ---- 2. CAMoE and the category-guided modality weights -------------------------------------
+    def camoe(self, items: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+        """Refined ē_m = e_m + w_m * ê_m of the unique items ``items`` (LongTensor [U]).
+
+        Returns:
+            ē (each modality's [U, d]), the weights w [U, M] ([U, 1] ones without CAMoE) and the
+            category logits [M, U, C] (None without category guidance).
+        """
+        e = {m: self.item_table(m, items) for m in self.mods}  # each [U, d]
+        if not self.use_moe:
+            return e, e[self.mods[0]].new_ones((len(items), 1)), None
+        d = self.cfg.hidden_size
+        x = torch.cat([e[m] for m in self.mods], dim=-1)  # [U, M*d]
+        expert_out = torch.stack([f(x) for f in self.experts], dim=1)  # [U, K, M*d]
+        w, logits = self.modality_weights(e, items)  # [U, M], [M, U, C]
+        refined = {}
+        for j, m in enumerate(self.mods):
+            gate = self.gates[m](e[m]).softmax(-1)  # [U, K] attentive gate over the shared experts
+            e_hat = (gate[:, :, None] * expert_out[:, :, j * d:(j + 1) * d]).sum(1)  # [U, d] slice m of the mix
+            refined[m] = e[m] + w[:, j:j + 1] * e_hat  # [U, d]
+        return refined, w, logits
 
     def modality_weights(self, e: dict[str, torch.Tensor], items: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -185,39 +289,34 @@ class CAMMSR(nn.Module):
             w = logp.T.softmax(-1)  # [U, M]
         return w, logits
 
-    def camoe(self, items: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
-        """Refined ē_m = e_m + w_m * ê_m for unique items ``items`` [U]; returns (ē, w [U, M], logits)."""
-        e = {m: self.item_table(m, items) for m in self.mods}  # each [U, d]
-        if not self.use_moe:
-            return e, e[self.mods[0]].new_ones((len(items), 1)), None
-        d = self.cfg.hidden_size
-        x = torch.cat([e[m] for m in self.mods], dim=-1)  # [U, M*d]
-        expert_out = torch.stack([f(x) for f in self.experts], dim=1)  # [U, K, M*d]
-        w, logits = self.modality_weights(e, items)  # [U, M], [M, U, C]
-        refined = {}
-        for j, m in enumerate(self.mods):
-            gate = self.gates[m](e[m]).softmax(-1)  # [U, K] attentive gate over the shared experts
-            e_hat = (gate[:, :, None] * expert_out[:, :, j * d:(j + 1) * d]).sum(1)  # [U, d]
-            refined[m] = e[m] + w[:, j:j + 1] * e_hat
-        return refined, w, logits
+    # ---- 3. modality swap ----------------------------------------------------------------------
+    def swap_views(self, seq: torch.Tensor, text: torch.Tensor, image: torch.Tensor) -> list[torch.Tensor]:
+        """Exchange the text and image items at random non-padding positions (probability swap_prob).
 
-    # ---- sequence encoder ------------------------------------------------------------------
+        seq: LongTensor [B, L]; text, image: [B, L, d] -> two complementary mixed sequences, [B, L, d]
+        each: the text sequence with some image items, and the image sequence with the matching text items.
+        """
+        swap = (torch.rand(seq.shape, device=seq.device) < self.cfg.swap_prob) & (seq > 0)  # [B, L]
+        return [torch.where(swap[..., None], image, text), torch.where(swap[..., None], text, image)]
+
+    # ---- 4. sequence encoder -------------------------------------------------------------------
     def encode(self, seqs: torch.Tensor, norms: list[str], last: torch.Tensor | None = None) -> torch.Tensor:
         """Stacked sequences [S, B, L, d] (one per entry of ``norms``) -> outputs [S, B, L, d].
 
         With ``last`` (LongTensor [B]) only each sequence's output at that position: [S, B, 1, d].
         """
         S, B, L, d = seqs.shape
-        x = seqs + self.pos_emb.weight[:L]  # one learned position embedding added to each sequence
-        x = torch.stack([self.input_norm[n](x[i]) for i, n in enumerate(norms)])  # DyT (or LayerNorm)
-        x = self.drop(x).view(S * B, L, d)  # all modalities and views in one pass: shared weights
+        x = seqs + self.pos_emb.weight[:L]  # [S, B, L, d] one learned position table for every sequence
+        x = torch.stack([self.input_norm[n](x[i]) for i, n in enumerate(norms)])  # [S, B, L, d] DyT
+        x = self.drop(x).view(S * B, L, d)  # [S*B, L, d] all modalities and views in one pass: shared weights
         for i, block in enumerate(self.blocks):
             final = last is not None and i == len(self.blocks) - 1
-            x = block(x, last.repeat(S) if final else None)
+            x = block(x, last.repeat(S) if final else None)  # [S*B, L, d]; last block with `last`: [S*B, 1, d]
         return x.view(S, B, -1, d)
 
-    def forward(self, seq: torch.Tensor, targets: torch.Tensor | None = None, normalizer: float | None = None):
-        """Outputs of ``seq`` (LongTensor [B, L], right-padded), or with ``targets`` the training loss.
+    def forward(self, seq: torch.Tensor, targets: torch.Tensor | None = None, normalizer: float | None = None
+                ) -> ModelOutput | tuple[torch.Tensor, dict[str, float]]:
+        """`encode_views` of ``seq`` (LongTensor [B, L], right-padded), or with ``targets`` the training `loss`.
 
         Going through ``forward`` for the loss lets DistributedDataParallel hook in.
         """
@@ -225,31 +324,36 @@ class CAMMSR(nn.Module):
             return self.loss(seq, targets, normalizer)
         return self.encode_views(seq)
 
-    def encode_views(self, seq: torch.Tensor, last: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
-        """seq: LongTensor [B, L] right-padded item indices -> per-modality outputs and auxiliaries.
+    def encode_views(self, seq: torch.Tensor, last: torch.Tensor | None = None) -> ModelOutput:
+        """Items -> CAMoE -> (swap views when training) -> encoder, for a batch of sequences.
 
-        ``last`` (LongTensor [B]): compute ``z`` only at that position of each sequence ([M, B, 1, d]).
+        Args:
+            seq: LongTensor [B, L] right-padded item indices, L <= max_seq_len.
+            last: LongTensor [B]: compute ``z`` only at that position of each sequence ([M, B, 1, d]).
+
+        Raises:
+            TypeError, ValueError: ``seq`` is not a 2-D LongTensor of at most max_seq_len positions, or
+                (for a CPU tensor; checking on a GPU would cost a sync per step) holds an index outside 0..N.
         """
+        check_seq(seq, self.cfg.max_seq_len)
         items, inverse = torch.unique(seq, return_inverse=True)  # [U], [B, L]
-        refined, w, cat_logits = self.camoe(items)
+        check_items(items, self.cfg.num_items)  # sorted: its ends are the smallest and largest index
+        refined, w, cat_logits = self.camoe(items)  # each [U, d]
         views = [refined[m][inverse] for m in self.mods]  # M x [B, L, d]
         norms = list(self.mods)
-        do_swap = self.training and self.cfg.swap_cl and {"text", "image"} <= set(self.mods)
-        if do_swap:
-            # 3. Modality-swap (STATED): exchange text/image items at random non-padding positions.
-            t, v = refined["text"][inverse], refined["image"][inverse]  # [B, L, d]
-            swap = (torch.rand(seq.shape, device=seq.device) < self.cfg.swap_prob) & (seq > 0)  # [B, L]
-            views += [torch.where(swap[..., None], v, t), torch.where(swap[..., None], t, v)]
+        swapped = self.training and self.cfg.swap_cl and {"text", "image"} <= set(self.mods)
+        if swapped:  # each view keeps the input norm of the modality it starts from
+            views += self.swap_views(seq, refined["text"][inverse], refined["image"][inverse])  # 2 x [B, L, d]
             norms += ["text", "image"]
-        z = self.encode(torch.stack(views), norms, last)  # [S, B, L or 1, d]
+        z = self.encode(torch.stack(views), norms, last)  # [M (+2), B, L or 1, d]
         M = len(self.mods)
-        return {"z": z[:M], "swap_views": z[M:] if do_swap else None, "cat_logits": cat_logits,
-                "unique_items": items, "weights": w}
+        return ModelOutput(z=z[:M], swap_views=z[M:] if swapped else None, cat_logits=cat_logits,
+                           unique_items=items, weights=w)
 
-    # ---- scoring and loss ------------------------------------------------------------------
+    # ---- 5. scores and loss --------------------------------------------------------------------
     def score_table(self) -> torch.Tensor:
         """Item tables of all modalities side by side: [N+1, M*d] (scored against concat Z)."""
-        tables = [self.item_table(m) for m in self.mods]
+        tables = [self.item_table(m) for m in self.mods]  # M x [N+1, d]
         return tables[0] if len(tables) == 1 else torch.cat(tables, dim=-1)  # one modality: no copy
 
     def scores(self, z: torch.Tensor) -> torch.Tensor:
@@ -259,17 +363,40 @@ class CAMMSR(nn.Module):
         s[:, 0] = float("-inf")
         return s
 
+    @torch.no_grad()
+    def score_last(self, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Scores of every item after each user's last position: seq [B, L], lengths [B] -> [B, N+1].
+
+        Raises:
+            TypeError, ValueError: ``lengths`` is not a LongTensor with one length per sequence, or
+                (CPU) one is outside 1..L (and see `encode_views`).
+        """
+        check_seq(seq, self.cfg.max_seq_len)
+        check_lengths(lengths, seq)
+        z = self.encode_views(seq, last=lengths - 1).z  # [M, B, 1, d]: only the last position
+        return self.scores(z[:, :, 0])  # [B, N+1]
+
     def loss(self, seq: torch.Tensor, targets: torch.Tensor, normalizer: float | None = None
              ) -> tuple[torch.Tensor, dict[str, float]]:
         """Next-item CE at every position with a target + lambda_cat * L_cat + lambda_cl * L_MSCL.
 
-        seq, targets: LongTensor [B, L]; targets[b, t] is the item after seq[b, :t+1], 0 = none.
-        normalizer: divide the summed CE by this instead of the local target count (DDP: the global
-            count / world size, so that averaged gradients equal those of one process on the whole batch).
+        Args:
+            seq, targets: LongTensor [B, L]; targets[b, t] is the item after seq[b, :t+1], 0 = none.
+            normalizer: divide the summed CE by this instead of the local target count (DDP: the global
+                count / world size, so that averaged gradients equal those of one process on the whole batch).
+
+        Returns:
+            The loss (a scalar tensor) and its detached parts as floats: ``rec``, and ``cat`` / ``cl``
+            when those losses are on.
+
+        Raises:
+            TypeError, ValueError: ``targets`` is not a LongTensor of ``seq``'s shape (and see `encode_views`).
         """
+        check_seq(seq, self.cfg.max_seq_len)
+        check_targets(targets, seq)
         out = self.encode_views(seq)
         pos = targets > 0  # [B, L]
-        z = out["z"][:, pos]  # [M, P, d]
+        z = out.z[:, pos]  # [M, P, d]
         h = z.permute(1, 0, 2).flatten(1)  # [P, M*d]
         # CE over the real items only (table rows 1..N, targets shifted by one): the same loss as
         # `scores` with the padding column at -inf, computed a block of targets at a time so that the
@@ -278,29 +405,23 @@ class CAMMSR(nn.Module):
         loss_rec = ce / (normalizer if normalizer is not None else max(int(pos.sum()), 1))
         parts = {"rec": loss_rec.detach()}
         loss = loss_rec
-        if out["cat_logits"] is not None and self.cfg.lambda_cat > 0:
-            items = out["unique_items"]
+        if out.cat_logits is not None and self.cfg.lambda_cat > 0:
+            items = out.unique_items  # [U]
             real = items > 0
-            logits = out["cat_logits"][:, real]  # [M, U', C]
+            logits = out.cat_logits[:, real]  # [M, U', C]
             cat = self.item_category[items[real]].clamp(min=0)  # [U']
             loss_cat = F.cross_entropy(logits.flatten(0, 1), cat.repeat(len(self.mods)))
             loss = loss + self.cfg.lambda_cat * loss_cat
             parts["cat"] = loss_cat.detach()
-        if out["swap_views"] is not None and self.cfg.lambda_cl > 0:
+        if out.swap_views is not None and self.cfg.lambda_cl > 0:
             last = pos.long().cumsum(1).argmax(1)  # [B] last position with a target
             rows = torch.arange(len(seq), device=seq.device)
-            a, b = out["swap_views"][0, rows, last], out["swap_views"][1, rows, last]  # [B, d] each
-            t = targets[rows, last]
+            a, b = out.swap_views[0, rows, last], out.swap_views[1, rows, last]  # [B, d] each
+            t = targets[rows, last]  # [B]
             loss_cl = info_nce(a, b, self.cfg.cl_temperature, same_target=t[:, None] == t[None, :])
             loss = loss + self.cfg.lambda_cl * loss_cl
             parts["cl"] = loss_cl.detach()
         return loss, {k: float(v) for k, v in parts.items()}
-
-    @torch.no_grad()
-    def score_last(self, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Scores of every item after each user's last position: seq [B, L], lengths [B] -> [B, N+1]."""
-        z = self.encode_views(seq, last=lengths - 1)["z"]  # [M, B, 1, d]: only the last position
-        return self.scores(z[:, :, 0])
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -25,16 +25,19 @@ log = logging.getLogger(__name__)
 
 def config_from_params(train: TrainParams, split: SplitData, split_params: SplitParams,
                        text_dim: int, image_dim: int) -> ModelConfig:
-    """The model config for ``train`` (``train.model == "sasrec"`` applies the SASRec switches)."""
+    """The model config for ``train`` (``train.model == "sasrec"`` applies the SASRec switches).
+
+    The one place a `ModelConfig` is made from params; a checkpoint stores the result (`save_checkpoint`).
+    """
     cfg = ModelConfig(
         num_items=split.num_items, num_categories=max(split.num_categories, 1), text_dim=text_dim,
-        image_dim=image_dim, hidden_size=train.hidden_size, num_layers=train.num_layers,
-        num_heads=train.num_heads, ffn_size=train.ffn_size, dropout=train.dropout,
+        image_dim=image_dim, feature_norm=train.feature_norm, hidden_size=train.hidden_size,
+        num_layers=train.num_layers, num_heads=train.num_heads, ffn_size=train.ffn_size, dropout=train.dropout,
         max_seq_len=split_params.max_seq_len, use_id=train.use_id, use_text=train.use_text,
         use_image=train.use_image, num_experts=train.num_experts, category_guidance=train.category_guidance,
-        lambda_cat=train.lambda_cat, swap_cl=train.swap_cl, swap_prob=train.swap_prob, lambda_cl=train.lambda_cl,
-        cl_temperature=train.cl_temperature, norm=train.norm, dyt_scope=train.dyt_scope,
-        dyt_alpha_init=train.dyt_alpha_init,
+        weight_mode=train.weight_mode, lambda_cat=train.lambda_cat, swap_cl=train.swap_cl,
+        swap_prob=train.swap_prob, lambda_cl=train.lambda_cl, cl_temperature=train.cl_temperature,
+        norm=train.norm, dyt_scope=train.dyt_scope, dyt_alpha_init=train.dyt_alpha_init,
     )
     return cfg.sasrec() if train.model == "sasrec" else cfg
 
@@ -68,14 +71,19 @@ def padded_features(path: Path, item_ids: list[str], norm: str = "none") -> tupl
     return torch.from_numpy(feats), torch.from_numpy(present)
 
 
+def item_features(paths: CatalogPaths, item_ids: list[str], norm: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Text and image features [N+1, D_m] with presence [N+1], aligned to the split (see `padded_features`)."""
+    return {"text": padded_features(paths.text_features, item_ids, norm),
+            "image": padded_features(paths.image_features, item_ids, norm)}
+
+
 def build_model(train: TrainParams, split_params: SplitParams, split: SplitData, paths: CatalogPaths,
                 seed: int) -> CAMMSR:
     """A freshly initialised model for this split, with its frozen features attached."""
-    text, text_present = padded_features(paths.text_features, split.item_ids, train.feature_norm)
-    image, image_present = padded_features(paths.image_features, split.item_ids, train.feature_norm)
-    cfg = config_from_params(train, split, split_params, text.shape[1], image.shape[1])
+    feats = item_features(paths, split.item_ids, train.feature_norm)
+    cfg = config_from_params(train, split, split_params, feats["text"][0].shape[1], feats["image"][0].shape[1])
     cats = noisy_categories(split.item_category, train.category_noise, split.num_categories, seed)
-    return CAMMSR(cfg, torch.from_numpy(cats), text, text_present, image, image_present)
+    return CAMMSR(cfg, torch.from_numpy(cats), *feats["text"], *feats["image"])
 
 
 def save_checkpoint(path: Path, model: CAMMSR, **extra: object) -> None:
@@ -84,17 +92,35 @@ def save_checkpoint(path: Path, model: CAMMSR, **extra: object) -> None:
         torch.save({"state_dict": model.state_dict(), "config": model.cfg.to_dict(), **extra}, tmp)
 
 
+# Parameter names before the feature projections and missing vectors moved into dicts.
+_RENAMED = {"text_proj.": "feature_proj.text.", "image_proj.": "feature_proj.image.",
+            "text_missing": "missing.text", "image_missing": "missing.image"}
+
+
+def _renamed(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state_dict`` with the parameter names of older checkpoints mapped to today's."""
+    out = {}
+    for key, value in state_dict.items():
+        old = next((o for o in _RENAMED if key.startswith(o)), None)
+        out[_RENAMED[old] + key[len(old):] if old else key] = value
+    return out
+
+
 def load_checkpoint(path: Path, split: SplitData, paths: CatalogPaths, map_location: str | torch.device = "cpu"
                     ) -> tuple[CAMMSR, dict]:
-    """Rebuild the model saved at ``path`` (weights_only=True) with features re-read from the stores."""
+    """Rebuild the model saved at ``path`` (weights_only=True) with features re-read from the stores,
+    prepared as in training (the config's ``feature_norm``)."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    cfg = ModelConfig(**ckpt["config"])
-    norm = ckpt.get("feature_norm", "none")
-    text, text_present = padded_features(paths.text_features, split.item_ids, norm)
-    image, image_present = padded_features(paths.image_features, split.item_ids, norm)
-    if (cfg.text_dim, cfg.image_dim) != (text.shape[1], image.shape[1]):
+    config = dict(ckpt["config"])
+    # Older checkpoints keep feature_norm beside the config; older still predate it (raw features).
+    config.setdefault("feature_norm", ckpt.get("feature_norm", "none"))
+    cfg = ModelConfig(**config)
+    feats = item_features(paths, split.item_ids, cfg.feature_norm)
+    widths = feats["text"][0].shape[1], feats["image"][0].shape[1]
+    if (cfg.text_dim, cfg.image_dim) != widths:
         raise ValueError(f"{path}: trained with feature widths text={cfg.text_dim} image={cfg.image_dim}, "
-                         f"stores now give text={text.shape[1]} image={image.shape[1]}: retrain")
-    model = CAMMSR(cfg, ckpt["state_dict"]["item_category"], text, text_present, image, image_present)
-    model.load_state_dict(ckpt["state_dict"])
+                         f"stores now give text={widths[0]} image={widths[1]}: retrain")
+    state = _renamed(ckpt["state_dict"])
+    model = CAMMSR(cfg, state["item_category"], *feats["text"], *feats["image"])
+    model.load_state_dict(state)
     return model, ckpt

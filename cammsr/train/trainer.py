@@ -165,8 +165,7 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
         if improved:
             best, best_epoch, bad_epochs = valid[SELECT_METRIC], epoch, 0
             if dist.main:
-                save_checkpoint(best_path, model, epoch=epoch, valid=valid, model_name=train.model,
-                                feature_norm=train.feature_norm)
+                save_checkpoint(best_path, model, epoch=epoch, valid=valid, model_name=train.model)
         else:
             bad_epochs += 1
         log.info("epoch %d loss %s valid %s %.4f hr@10 %.4f (%.1f s, %.0f seq/s)%s", epoch,

@@ -85,5 +85,5 @@ def test_synthetic_feature_twin_shares_the_split_and_gives_cammsr_three_modaliti
     assert split.item_ids == load_splits(paths.splits_dir).item_ids
     model = build_model(TrainParams(model="cammsr", hidden_size=16, num_heads=1), SplitParams(), split, twin, seed=0)
     assert model.mods == ("id", "text", "image")
-    assert model.text_feats.shape[1] == SYNTHETIC_DIMS["text"] and model.image_feats.shape[1] == SYNTHETIC_DIMS["image"]
-    assert bool(model.text_present[1:].all()) and bool(model.image_present[1:].all())
+    assert {m: model.frozen[m].features.shape[1] for m in ("text", "image")} == SYNTHETIC_DIMS
+    assert all(bool(model.frozen[m].present[1:].all()) for m in ("text", "image"))

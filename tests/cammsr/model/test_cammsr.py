@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cammsr.model import CAMMSR, ModelConfig
+from cammsr.model import CAMMSR, ModelConfig, ModelOutput
 from cammsr.model.dyt import DyT, make_norm
 
 N, C, DT, DI = 30, 3, 12, 10
@@ -35,7 +35,7 @@ def test_dyt_is_gamma_tanh_alpha_x_plus_beta_and_learns_alpha():
 def test_missing_modality_uses_the_learned_vector():
     model = make_model()
     with torch.no_grad():
-        model.text_missing.fill_(3.0)
+        model.missing["text"].fill_(3.0)
     e = model.item_table("text", torch.tensor([4, 5]))
     assert torch.equal(e[1], torch.full((16,), 3.0))
     assert not torch.equal(e[0], e[1])
@@ -76,7 +76,7 @@ def test_causal_no_future_leakage():
     seq = torch.tensor([[3, 9, 4, 11, 2, 0]])
     later = seq.clone()
     later[0, 3:5] = torch.tensor([20, 21])
-    z1, z2 = model(seq)["z"], model(later)["z"]
+    z1, z2 = model(seq).z, model(later).z
     assert torch.allclose(z1[:, :, :3], z2[:, :, :3], atol=1e-6)
     assert not torch.allclose(z1[:, :, 3], z2[:, :, 3])
 
@@ -96,7 +96,7 @@ def test_score_last_computes_only_the_last_position_yet_equals_the_full_pass(ove
     seq = torch.tensor([[1, 2, 3, 4, 5, 6], [4, 9, 0, 0, 0, 0], [7, 0, 0, 0, 0, 0], [8, 3, 2, 1, 0, 0]])
     lengths = torch.tensor([6, 2, 1, 4])
     with torch.no_grad():
-        z = model.encode_views(seq)["z"]  # [M, B, L, d]: every position
+        z = model.encode_views(seq).z  # [M, B, L, d]: every position
         full = model.scores(z[:, torch.arange(4), lengths - 1])
     assert torch.allclose(model.score_last(seq, lengths), full, atol=1e-5)
 
@@ -132,3 +132,113 @@ def test_sasrec_is_the_same_model_with_switches():
     model = CAMMSR(cfg, torch.zeros(N + 1, dtype=torch.long))
     assert model.mods == ("id",) and not model.use_moe
     assert isinstance(model.input_norm["id"], torch.nn.LayerNorm)
+
+
+def test_init_and_loss_are_pinned():
+    """Random init follows module registration order: reordering the model file changes these numbers."""
+    model = make_model().train()
+    sums = {"id_emb": model.id_emb.weight, "text_proj": model.feature_proj["text"].weight,
+            "image_proj": model.feature_proj["image"].weight, "pos_emb": model.pos_emb.weight,
+            "experts.3": model.experts[3].weight, "cat_head": model.cat_head.weight,
+            "blocks.1.ff.2": model.blocks[1].ff[2].weight}
+    assert {k: float(v.detach().double().sum()) for k, v in sums.items()} == pytest.approx(
+        {"id_emb": -0.73010056, "text_proj": -0.03368245, "image_proj": 0.11353578, "pos_emb": -0.14032472,
+         "experts.3": -0.58601203, "cat_head": 0.01952072, "blocks.1.ff.2": -0.42345153}, abs=1e-7)
+    seq = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
+    torch.manual_seed(1)  # the swap positions
+    loss, parts = model.loss(seq, torch.tensor([[2, 3, 4, 5], [6, 7, 0, 0]]))
+    assert loss.item() == pytest.approx(4.023495197296143, rel=1e-5)
+    assert parts == pytest.approx({"rec": 3.887373924255371, "cat": 1.098564624786377, "cl": 0.2626476287841797},
+                                  rel=1e-5)
+    s = model.eval().score_last(seq, torch.tensor([4, 2]))[:, 1:4]
+    expected = torch.tensor([[0.67575073, 0.62430257, 0.00154251], [-0.27021769, -1.12508202, 0.34632087]])
+    assert torch.allclose(s, expected, atol=1e-5)
+
+
+def test_forward_returns_a_typed_output():
+    model = make_model().train()
+    out = model(torch.tensor([[1, 2, 3, 0], [4, 5, 0, 0]]))
+    assert isinstance(out, ModelOutput)
+    U = len(out.unique_items)
+    assert out.z.shape == (3, 2, 4, 16) and out.swap_views.shape == (2, 2, 4, 16)
+    assert out.cat_logits.shape == (3, U, C) and out.weights.shape == (U, 3)
+    assert model.eval()(torch.tensor([[1, 2]])).swap_views is None  # swap views only in training
+
+
+def _features(rows: int = N + 1, dim: int = DT) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(rows, dim), torch.ones(rows, dtype=torch.bool)
+
+
+def _cfg(**overrides) -> ModelConfig:
+    kw = dict(num_items=N, num_categories=C, text_dim=DT, image_dim=0, hidden_size=16, num_layers=1, num_heads=2,
+              ffn_size=32, max_seq_len=8)
+    return ModelConfig(**{**kw, **overrides})
+
+
+CATS = torch.zeros(N + 1, dtype=torch.long)
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ((CATS,), ValueError, "text is active .* was not given"),
+    ((CATS, *_features(rows=N)), ValueError, rf"text_features: expected {N + 1} rows"),
+    ((CATS, *_features(dim=DT + 1)), ValueError, rf"text_features: expected shape \({N + 1}, {DT}\)"),
+    ((CATS, torch.randn(N + 1, DT), torch.ones(N, dtype=torch.bool)), ValueError, "text_present: expected"),
+    ((CATS, torch.randn(N + 1, DT), torch.ones(N + 1, 2, dtype=torch.bool)), ValueError, "text_present: expected"),
+    ((CATS, torch.randn(N + 1, DT).numpy(), torch.ones(N + 1, dtype=torch.bool)), TypeError, "text_features"),
+    ((CATS[:-1], *_features()), ValueError, rf"item_category: expected {N + 1} rows"),
+])
+def test_construction_errors_name_what_was_expected(args, error, match):
+    with pytest.raises(error, match=match):
+        CAMMSR(_cfg(), *args)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"norm": "rmsnorm"}, "ModelConfig.norm: expected one of"),
+    ({"weight_mode": "mean"}, "ModelConfig.weight_mode: expected one of"),
+    ({"dyt_scope": "blocks"}, "ModelConfig.dyt_scope: expected one of"),
+    ({"feature_norm": "l2"}, "ModelConfig.feature_norm: expected one of"),
+    ({"num_heads": 3}, "not divisible by num_heads 3"),
+    ({"use_id": False, "use_text": False}, "no modality is active"),
+])
+def test_config_errors(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        CAMMSR(_cfg(**overrides), CATS, *_features())
+
+
+SEQ = torch.tensor([[1, 2, 3], [4, 0, 0]])
+
+
+@pytest.mark.parametrize("seq, error, match", [
+    (SEQ.tolist(), TypeError, "seq: expected a LongTensor"),
+    (SEQ.int(), TypeError, r"seq: expected a LongTensor \[B, L\] of item indices, found torch.int32"),
+    (SEQ[0], ValueError, r"seq: expected 2 dimensions \[B, L\], found shape \(3,\)"),
+    (torch.ones(2, 9, dtype=torch.long), ValueError, "9 positions, longer than max_seq_len 8"),
+    (torch.tensor([[1, N + 1]]), ValueError, rf"item indices must be in 0..{N}, found 1..{N + 1}"),
+    (torch.tensor([[-1, 2]]), ValueError, rf"item indices must be in 0..{N}, found -1..2"),
+])
+def test_batch_errors(seq, error, match):
+    model = make_model()
+    with pytest.raises(error, match=match):
+        model.encode_views(seq)
+    with pytest.raises(error, match=match):
+        model.loss(seq, seq)
+
+
+@pytest.mark.parametrize("targets, error, match", [
+    (SEQ[:, :2], ValueError, r"targets: expected the shape of seq \(2, 3\), found \(2, 2\)"),
+    (SEQ.float(), TypeError, "targets: expected a LongTensor"),
+])
+def test_target_errors(targets, error, match):
+    with pytest.raises(error, match=match):
+        make_model().loss(SEQ, targets)
+
+
+@pytest.mark.parametrize("lengths, error, match", [
+    (torch.tensor([3]), ValueError, r"lengths: expected shape \(2,\)"),
+    (torch.tensor([3, 0]), ValueError, r"lengths: expected values in 1..3"),
+    (torch.tensor([4, 1]), ValueError, r"lengths: expected values in 1..3"),
+    (torch.tensor([3.0, 1.0]), TypeError, r"lengths: expected a LongTensor \[B\], found torch.float32"),
+])
+def test_score_last_length_errors(lengths, error, match):
+    with pytest.raises(error, match=match):
+        make_model().eval().score_last(SEQ, lengths)
