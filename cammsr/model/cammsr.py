@@ -425,8 +425,3 @@ class CAMMSR(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-
-def dyt_alphas(model: CAMMSR) -> list[float]:
-    """Current DyT alphas (for logging): how saturated each norm has become."""
-    return [float(mod.alpha) for mod in model.modules() if hasattr(mod, "alpha") and mod.alpha.ndim == 0]
