@@ -148,6 +148,10 @@ class TrainParams(Section):
     num_experts: int = Field(default=4, ge=1)
     category_guidance: bool = True
     weight_mode: Literal["confidence", "learned"] = "confidence"
+    weight_temperature: float = Field(default=1.0, gt=0)
+    score_scale: Literal["none", "learned"] = "none"
+    shared_encoder: bool = True
+    category_loss: Literal["ce", "bce"] = "ce"
     lambda_cat: float = Field(default=0.1, ge=0)
     swap_cl: bool = True
     swap_prob: float = Field(default=0.5, ge=0, le=1)

@@ -1,7 +1,9 @@
 """The splits stage: k-core, item/category index, per-user chronological leave-one-out.
 
 Outputs under ``splits/``:
-- ``items.parquet``: item_id, item_idx (1..N; 0 is padding), category, category_idx (0..C-1)
+- ``items.parquet``: item_id, item_idx (1..N; 0 is padding), category, category_idx (0..C-1),
+  path_idx (list<int32>: the item's category path as token indices, for the multi-hot category loss)
+- ``path_tokens.parquet``: token, token_idx (0..T-1): the category path tokens of the kept items
 - ``sequences.parquet``: user_id, user_idx, items (list<int32>), timestamps (list<int64>),
   the whole chronological sequence. Leave-one-out is positional: the last item is the test
   target, the second-to-last the valid target, everything before is training history.
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 ITEMS_FILE = "items.parquet"
 SEQUENCES_FILE = "sequences.parquet"
+PATH_TOKENS_FILE = "path_tokens.parquet"
 
 
 def chronological_sequences(interactions: pl.DataFrame) -> pl.DataFrame:
@@ -59,7 +62,10 @@ def run_split(name: str, params: SplitParams, paths: CatalogPaths) -> StageSumma
     """Build the item index and the per-user sequences of one catalog."""
     t0 = time.perf_counter()
     inter = pl.read_parquet(paths.interactions, columns=["user_id", "item_id", "timestamp"])
-    items_meta = pl.read_parquet(paths.items, columns=["item_id", "category"])
+    items_meta = pl.read_parquet(paths.items)
+    if "categories" not in items_meta.columns:  # an items table without paths: single labels only
+        items_meta = items_meta.with_columns(pl.lit([], dtype=pl.List(pl.String)).alias("categories"))
+    items_meta = items_meta.select("item_id", "category", "categories")
     filtered = kcore(inter, params.user_core, params.item_core)
     if filtered.is_empty():
         raise ValueError(
@@ -74,14 +80,19 @@ def run_split(name: str, params: SplitParams, paths: CatalogPaths) -> StageSumma
         .join(items_meta.unique("item_id", keep="first"), on="item_id", how="left")
         .with_columns(
             pl.col("category").fill_null("unknown"),
+            pl.col("categories").fill_null([]),
             pl.int_range(1, pl.len() + 1, dtype=pl.Int32).alias("item_idx"),
         )
     )
     categories = item_index.get_column("category").unique().sort()
     cat_map = {c: i for i, c in enumerate(categories.to_list())}
+    tokens = item_index.get_column("categories").explode().drop_nulls().unique().sort()
+    token_map = {c: i for i, c in enumerate(tokens.to_list())}
     item_index = item_index.with_columns(
-        pl.col("category").replace_strict(cat_map, return_dtype=pl.Int32).alias("category_idx")
-    ).select("item_id", "item_idx", "category", "category_idx")
+        pl.col("category").replace_strict(cat_map, return_dtype=pl.Int32).alias("category_idx"),
+        pl.col("categories").list.eval(pl.element().replace_strict(token_map, return_dtype=pl.Int32))
+        .alias("path_idx"),
+    ).select("item_id", "item_idx", "category", "category_idx", "path_idx")
 
     seqs = chronological_sequences(
         filtered.join(item_index.select("item_id", "item_idx"), on="item_id", how="left", maintain_order="left")
@@ -102,6 +113,9 @@ def run_split(name: str, params: SplitParams, paths: CatalogPaths) -> StageSumma
     paths.splits_dir.mkdir(parents=True, exist_ok=True)
     write_parquet_atomic(paths.splits_dir / ITEMS_FILE, item_index.to_arrow())
     write_parquet_atomic(paths.splits_dir / SEQUENCES_FILE, seqs.to_arrow())
+    write_parquet_atomic(paths.splits_dir / PATH_TOKENS_FILE,
+                         pl.DataFrame({"token": tokens, "token_idx": pl.int_range(0, len(tokens), dtype=pl.Int32,
+                                                                                  eager=True)}).to_arrow())
     summary = StageSummary(
         stage="split",
         catalog=name,
@@ -111,6 +125,7 @@ def run_split(name: str, params: SplitParams, paths: CatalogPaths) -> StageSumma
             "users": seqs.height,
             "items": item_index.height,
             "categories": len(cat_map),
+            "path_tokens": len(token_map),
             "mean_length": round(float(lengths.mean()), 2),
             "users_tie_at_test": ties_test,
             "users_tie_at_valid": ties_valid,
@@ -138,6 +153,8 @@ class SplitData:
     category_names: list[str]
     sequences: list[np.ndarray]
     user_ids: list[str]
+    item_paths: np.ndarray | None = None  # [N + 1, D_p] int64 path token indices, -1 padded; row 0 all -1
+    path_tokens: list[str] | None = None  # T token names
 
     @property
     def num_items(self) -> int:
@@ -175,10 +192,19 @@ def load_splits(splits_dir: str | Path) -> SplitData:
     flat = seqs.get_column("items").explode().to_numpy().astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     sequences = [flat[offsets[i] : offsets[i + 1]] for i in range(len(lengths))]
+    item_paths, path_tokens = None, None
+    if "path_idx" in items.columns and (splits_dir / PATH_TOKENS_FILE).exists():
+        paths_list = items["path_idx"].to_list()
+        item_paths = np.full((items.height + 1, max((len(p) for p in paths_list), default=0) or 1), -1, np.int64)
+        for row, path in zip(items["item_idx"].to_list(), paths_list, strict=True):
+            item_paths[row, : len(path)] = path
+        path_tokens = pl.read_parquet(splits_dir / PATH_TOKENS_FILE).sort("token_idx")["token"].to_list()
     return SplitData(
         item_ids=items["item_id"].to_list(),
         item_category=item_category,
         category_names=cats["category"].to_list(),
         sequences=sequences,
         user_ids=seqs["user_id"].to_list(),
+        item_paths=item_paths,
+        path_tokens=path_tokens,
     )

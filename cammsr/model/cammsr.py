@@ -36,6 +36,8 @@ CHOICES = {  # ModelConfig fields that take one of a few names
     "dyt_scope": ("input", "all"),
     "weight_mode": ("confidence", "learned"),
     "feature_norm": ("none", "center_l2"),
+    "score_scale": ("none", "learned"),
+    "category_loss": ("ce", "bce"),
 }
 
 
@@ -66,6 +68,11 @@ class ModelConfig:
     norm: str = "dyt"  # "dyt" | "layernorm"
     dyt_scope: str = "input"  # "input": only the input norm; "all": every norm in the blocks too
     dyt_alpha_init: float = 0.5
+    weight_temperature: float = 1.0  # "confidence" weights: softmax_m(log p_m / T); T < 1 sharpens them
+    score_scale: str = "none"  # "learned": a trained scale per modality on its score term
+    shared_encoder: bool = True  # False: one Transformer per modality (HM4SR-style)
+    category_loss: str = "ce"  # "ce": single label; "bce": multi-hot over the item's category path tokens
+    num_path_tokens: int = 0  # T, category path tokens (for "bce")
 
     def __post_init__(self) -> None:
         for key, allowed in CHOICES.items():
@@ -74,6 +81,11 @@ class ModelConfig:
         for key in ("num_items", "num_categories", "hidden_size", "num_layers", "num_heads", "max_seq_len"):
             if getattr(self, key) < 1:
                 raise ValueError(f"ModelConfig.{key}: expected a positive int, found {getattr(self, key)!r}")
+        if self.weight_temperature <= 0:
+            raise ValueError(f"ModelConfig.weight_temperature: expected > 0, found {self.weight_temperature!r}")
+        if self.category_loss == "bce" and self.category_guidance and self.num_experts > 0 \
+                and self.num_path_tokens < 1:
+            raise ValueError("ModelConfig: category_loss 'bce' needs num_path_tokens >= 1 (the split's path tokens)")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"ModelConfig: hidden_size {self.hidden_size} is not divisible by "
                              f"num_heads {self.num_heads}")
@@ -91,7 +103,12 @@ class ModelConfig:
     def sasrec(self) -> ModelConfig:
         """The SASRec baseline: ID only, no CAMoE, no swap-CL, LayerNorm everywhere."""
         return replace(self, use_text=False, use_image=False, num_experts=0, category_guidance=False,
-                       swap_cl=False, norm="layernorm")
+                       swap_cl=False, norm="layernorm", score_scale="none", shared_encoder=True)
+
+    @property
+    def category_outputs(self) -> int:
+        """Width of the category head: C labels ("ce") or T path tokens ("bce")."""
+        return self.num_path_tokens if self.category_loss == "bce" else self.num_categories
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,6 +199,8 @@ class CAMMSR(nn.Module):
         text_features, image_features: FloatTensor [N+1, D_m] frozen features (row 0 = padding), needed
             for each active feature modality; D_m must be ``cfg.text_dim`` / ``cfg.image_dim``.
         text_present, image_present: BoolTensor [N+1], False where an item lacks that modality.
+        item_path: LongTensor [N+1, D_p] each item's category path tokens, -1 padded (for
+            ``category_loss="bce"``; saved with the weights like ``item_category``).
 
     Raises:
         ValueError, TypeError: a tensor of the wrong shape or type, or an active modality without features.
@@ -189,13 +208,19 @@ class CAMMSR(nn.Module):
 
     def __init__(self, cfg: ModelConfig, item_category: torch.Tensor,
                  text_features: torch.Tensor | None = None, text_present: torch.Tensor | None = None,
-                 image_features: torch.Tensor | None = None, image_present: torch.Tensor | None = None) -> None:
+                 image_features: torch.Tensor | None = None, image_present: torch.Tensor | None = None,
+                 item_path: torch.Tensor | None = None) -> None:
         super().__init__()
         self.cfg, d, n = cfg, cfg.hidden_size, cfg.num_items + 1
         self.mods = cfg.modalities
         M = len(self.mods)
         check_table("item_category", item_category, n)
         self.register_buffer("item_category", item_category.long().clone())  # [N+1]
+        if cfg.category_loss == "bce":
+            if item_path is None:
+                raise ValueError("category_loss 'bce' needs item_path, the items' category path tokens")
+            check_table("item_path", item_path, n)
+            self.register_buffer("item_path", item_path.long().clone())  # [N+1, D_p], -1 = none
         given = {"text": (text_features, text_present, cfg.text_dim),
                  "image": (image_features, image_present, cfg.image_dim)}
         feature_mods = [m for m in FEATURE_MODALITIES if m in self.mods]
@@ -222,16 +247,22 @@ class CAMMSR(nn.Module):
             self.gates = nn.ModuleDict({m: nn.Linear(d, K) for m in self.mods})
             if cfg.category_guidance:
                 self.cat_proj = nn.ModuleDict({m: nn.Linear(d, d) for m in self.mods})
-                self.cat_head = nn.Linear(d, cfg.num_categories)  # category predictor shared by modalities
+                self.cat_head = nn.Linear(d, cfg.category_outputs)  # category predictor shared by modalities
                 if cfg.weight_mode == "learned":
-                    self.weight_mlp = nn.Linear(M * cfg.num_categories, M)
+                    self.weight_mlp = nn.Linear(M * cfg.category_outputs, M)
 
         # 3. Modality swap (STATED): no parameters (`swap_views`).
         # 4. User interest learning (STATED): per modality DyT -> Dropout -> Transformer (shared).
         self.input_norm = nn.ModuleDict({m: make_norm(cfg.norm, d, cfg.dyt_alpha_init) for m in self.mods})
         self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        # 5. Scores and loss: against the item tables of 1, no parameters of their own.
+        if cfg.shared_encoder:
+            self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        else:  # one Transformer per modality; a swap view goes through its starting modality's
+            self.encoders = nn.ModuleDict({m: nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+                                           for m in self.mods})
+        # 5. Scores and loss: against the item tables of 1, optionally scaled per modality.
+        if cfg.score_scale == "learned":
+            self.log_score_scale = nn.Parameter(torch.zeros(M))  # [M], exp() = 1 at the start
         self.apply(self._init)
 
     @staticmethod
@@ -284,10 +315,23 @@ class CAMMSR(nn.Module):
         if self.cfg.weight_mode == "learned":
             w = self.weight_mlp(logits.softmax(-1).permute(1, 0, 2).flatten(1)).softmax(-1)  # [U, M]
         else:  # "confidence": how sure each modality's head is of the item's true category
-            cat = self.item_category[items].clamp(min=0)  # [U]
-            logp = logits.log_softmax(-1).gather(2, cat[None, :, None].expand(M, -1, 1)).squeeze(2)  # [M, U]
-            w = logp.T.softmax(-1)  # [U, M]
+            logp = self.true_category_logp(logits, items)  # [M, U]
+            w = (logp.T / self.cfg.weight_temperature).softmax(-1)  # [U, M]
         return w, logits
+
+    def true_category_logp(self, logits: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """log p_m(true category) of each item from each modality's logits [M, U, C or T] -> [M, U].
+
+        With the multi-hot path loss ("bce") it is the mean log-sigmoid over the item's path tokens.
+        """
+        M = logits.shape[0]
+        if self.cfg.category_loss == "bce":
+            path = self.item_path[items]  # [U, D_p], -1 = none
+            has = path >= 0
+            lp = F.logsigmoid(logits).gather(2, path.clamp(min=0)[None].expand(M, -1, -1))  # [M, U, D_p]
+            return (lp * has).sum(-1) / has.sum(-1).clamp(min=1)  # [M, U]
+        cat = self.item_category[items].clamp(min=0)  # [U]
+        return logits.log_softmax(-1).gather(2, cat[None, :, None].expand(M, -1, 1)).squeeze(2)  # [M, U]
 
     # ---- 3. modality swap ----------------------------------------------------------------------
     def swap_views(self, seq: torch.Tensor, text: torch.Tensor, image: torch.Tensor) -> list[torch.Tensor]:
@@ -308,9 +352,23 @@ class CAMMSR(nn.Module):
         S, B, L, d = seqs.shape
         x = seqs + self.pos_emb.weight[:L]  # [S, B, L, d] one learned position table for every sequence
         x = torch.stack([self.input_norm[n](x[i]) for i, n in enumerate(norms)])  # [S, B, L, d] DyT
-        x = self.drop(x).view(S * B, L, d)  # [S*B, L, d] all modalities and views in one pass: shared weights
-        for i, block in enumerate(self.blocks):
-            final = last is not None and i == len(self.blocks) - 1
+        x = self.drop(x)
+        if self.cfg.shared_encoder:  # all modalities and views in one pass: shared weights
+            return self._transformer(self.blocks, x, last)
+        out = [None] * S
+        for m in dict.fromkeys(norms):  # each modality's sequences (and views) through its own encoder
+            rows = [i for i, n in enumerate(norms) if n == m]
+            for i, y in zip(rows, self._transformer(self.encoders[m], x[rows], last), strict=True):
+                out[i] = y
+        return torch.stack(out)  # [S, B, L or 1, d]
+
+    @staticmethod
+    def _transformer(blocks: nn.ModuleList, x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
+        """x [S, B, L, d] through ``blocks`` as one batch -> [S, B, L, d] (or [S, B, 1, d] with ``last``)."""
+        S, B, L, d = x.shape
+        x = x.reshape(S * B, L, d)  # [S*B, L, d]
+        for i, block in enumerate(blocks):
+            final = last is not None and i == len(blocks) - 1
             x = block(x, last.repeat(S) if final else None)  # [S*B, L, d]; last block with `last`: [S*B, 1, d]
         return x.view(S, B, -1, d)
 
@@ -354,6 +412,9 @@ class CAMMSR(nn.Module):
     def score_table(self) -> torch.Tensor:
         """Item tables of all modalities side by side: [N+1, M*d] (scored against concat Z)."""
         tables = [self.item_table(m) for m in self.mods]  # M x [N+1, d]
+        if self.cfg.score_scale == "learned":  # scaling the table scales that modality's score term
+            scale = self.log_score_scale.exp()  # [M]
+            tables = [t * scale[j] for j, t in enumerate(tables)]
         return tables[0] if len(tables) == 1 else torch.cat(tables, dim=-1)  # one modality: no copy
 
     def scores(self, z: torch.Tensor) -> torch.Tensor:
@@ -408,9 +469,8 @@ class CAMMSR(nn.Module):
         if out.cat_logits is not None and self.cfg.lambda_cat > 0:
             items = out.unique_items  # [U]
             real = items > 0
-            logits = out.cat_logits[:, real]  # [M, U', C]
-            cat = self.item_category[items[real]].clamp(min=0)  # [U']
-            loss_cat = F.cross_entropy(logits.flatten(0, 1), cat.repeat(len(self.mods)))
+            logits = out.cat_logits[:, real]  # [M, U', C or T]
+            loss_cat = self.category_loss(logits, items[real])
             loss = loss + self.cfg.lambda_cat * loss_cat
             parts["cat"] = loss_cat.detach()
         if out.swap_views is not None and self.cfg.lambda_cl > 0:
@@ -422,6 +482,23 @@ class CAMMSR(nn.Module):
             loss = loss + self.cfg.lambda_cl * loss_cl
             parts["cl"] = loss_cl.detach()
         return loss, {k: float(v) for k, v in parts.items()}
+
+    def category_loss(self, logits: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """L_cat of the real items ``items`` [U'] from every modality's logits [M, U', C or T].
+
+        "ce": cross-entropy on the item's label. "bce": binary cross-entropy on the multi-hot path,
+        summed over tokens and averaged over items (so its scale is close to the CE's).
+        """
+        M = logits.shape[0]
+        if self.cfg.category_loss == "bce":
+            path = self.item_path[items]  # [U', D_p]
+            target = torch.zeros_like(logits[0])  # [U', T]
+            # add, not assign: the -1 padding lands on token 0 with 0 and must not erase a real token 0
+            target.scatter_add_(1, path.clamp(min=0), (path >= 0).to(target.dtype)).clamp_(max=1)
+            bce = F.binary_cross_entropy_with_logits(logits, target.expand_as(logits), reduction="sum")
+            return bce / max(M * len(items), 1)
+        cat = self.item_category[items].clamp(min=0)  # [U']
+        return F.cross_entropy(logits.flatten(0, 1), cat.repeat(M))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -38,20 +38,31 @@ def config_from_params(train: TrainParams, split: SplitData, split_params: Split
         weight_mode=train.weight_mode, lambda_cat=train.lambda_cat, swap_cl=train.swap_cl,
         swap_prob=train.swap_prob, lambda_cl=train.lambda_cl, cl_temperature=train.cl_temperature,
         norm=train.norm, dyt_scope=train.dyt_scope, dyt_alpha_init=train.dyt_alpha_init,
+        weight_temperature=train.weight_temperature, score_scale=train.score_scale,
+        shared_encoder=train.shared_encoder, category_loss=train.category_loss,
+        num_path_tokens=len(split.path_tokens or []),
     )
     return cfg.sasrec() if train.model == "sasrec" else cfg
 
 
-def noisy_categories(item_category: np.ndarray, fraction: float, num_categories: int, seed: int) -> np.ndarray:
-    """Relabel ``fraction`` of the items (row 0 = padding excluded) with a uniformly random category."""
+def noisy_categories(item_category: np.ndarray, fraction: float, num_categories: int, seed: int,
+                     item_paths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Relabel ``fraction`` of the items (row 0 = padding excluded) with a uniformly random category.
+
+    The same items get the category path of a random item (``item_paths`` [N+1, D_p], for the multi-hot
+    loss), so both category losses see the same noise. Returns the labels and the paths (copies).
+    """
     out = item_category.copy()
+    paths = item_paths.copy() if item_paths is not None else None
     if fraction <= 0 or num_categories < 2:
-        return out
+        return out, paths
     rng = np.random.default_rng(seed)
     items = np.arange(1, len(out))
     chosen = rng.choice(items, size=int(round(fraction * len(items))), replace=False)
     out[chosen] = rng.integers(0, num_categories, size=len(chosen))
-    return out
+    if paths is not None:
+        paths[chosen] = item_paths[rng.choice(items, size=len(chosen))]
+    return out, paths
 
 
 def padded_features(path: Path, item_ids: list[str], norm: str = "none") -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,8 +93,10 @@ def build_model(train: TrainParams, split_params: SplitParams, split: SplitData,
     """A freshly initialised model for this split, with its frozen features attached."""
     feats = item_features(paths, split.item_ids, train.feature_norm)
     cfg = config_from_params(train, split, split_params, feats["text"][0].shape[1], feats["image"][0].shape[1])
-    cats = noisy_categories(split.item_category, train.category_noise, split.num_categories, seed)
-    return CAMMSR(cfg, torch.from_numpy(cats), *feats["text"], *feats["image"])
+    cats, item_path = noisy_categories(split.item_category, train.category_noise, split.num_categories, seed,
+                                       split.item_paths)
+    return CAMMSR(cfg, torch.from_numpy(cats), *feats["text"], *feats["image"],
+                  item_path=torch.from_numpy(item_path) if item_path is not None else None)
 
 
 def save_checkpoint(path: Path, model: CAMMSR, **extra: object) -> None:
@@ -121,6 +134,6 @@ def load_checkpoint(path: Path, split: SplitData, paths: CatalogPaths, map_locat
         raise ValueError(f"{path}: trained with feature widths text={cfg.text_dim} image={cfg.image_dim}, "
                          f"stores now give text={widths[0]} image={widths[1]}: retrain")
     state = _renamed(ckpt["state_dict"])
-    model = CAMMSR(cfg, state["item_category"], *feats["text"], *feats["image"])
+    model = CAMMSR(cfg, state["item_category"], *feats["text"], *feats["image"], item_path=state.get("item_path"))
     model.load_state_dict(state)
     return model, ckpt

@@ -38,3 +38,22 @@ def test_split_of_tiny_catalog(tiny_catalog):
     split = load_splits(tiny_catalog.splits_dir)
     assert all(len(seq) == 8 for seq in split.sequences)
     assert np.all(np.diff(split.sequences[0]) % 40 == 1)
+
+
+def test_split_writes_category_path_tokens_for_the_multi_hot_loss(tmp_path):
+    import polars as pl
+
+    from tests.cammsr.conftest import write_tiny_catalog
+
+    paths = write_tiny_catalog(tmp_path, n_users=20, n_items=6, length=6)
+    ids = [f"i{i:03d}" for i in range(6)]
+    pl.DataFrame({"item_id": ids, "category": [f"c{i % 2}" for i in range(6)],
+                  "categories": [["Root", f"c{i % 2}", f"leaf{i}"] if i else [] for i in range(6)]}
+                 ).write_parquet(paths.items)
+    run_split("tiny", SplitParams(user_core=1, item_core=1), paths)
+    split = load_splits(paths.splits_dir)
+    assert split.path_tokens == sorted({"Root", "c0", "c1", *[f"leaf{i}" for i in range(1, 6)]})
+    row = 1 + split.item_ids.index("i003")
+    assert [split.path_tokens[t] for t in split.item_paths[row] if t >= 0] == ["Root", "c1", "leaf3"]
+    assert (split.item_paths[1 + split.item_ids.index("i000")] == -1).all()  # no path: no tokens
+    assert (split.item_paths[0] == -1).all()

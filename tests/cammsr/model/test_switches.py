@@ -1,0 +1,109 @@
+"""Model switches beyond the paper's ablations: multi-hot category loss, weight temperature, score
+scales, one encoder per modality. Each off by default; each does what it says when on."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cammsr.model import CAMMSR, ModelConfig
+
+N, C, T, DT, DI, D = 12, 3, 5, 6, 4, 8
+# item -> category path tokens (-1 padded): token 0 is the shared root, 1..4 sub-categories
+PATHS = torch.tensor([[-1, -1]] + [[0, 1 + (i % 4)] for i in range(N)])
+
+
+def make(**overrides) -> CAMMSR:
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_items=N, num_categories=C, text_dim=DT, image_dim=DI, hidden_size=D, num_layers=1,
+                      num_heads=2, ffn_size=16, dropout=0.0, max_seq_len=6, num_path_tokens=T, **overrides)
+    cats = torch.cat([torch.tensor([-1]), torch.arange(N) % C])
+    present = torch.ones(N + 1, dtype=torch.bool)
+    present[0] = False
+    return CAMMSR(cfg, cats, torch.randn(N + 1, DT), present, torch.randn(N + 1, DI), present, item_path=PATHS)
+
+
+def test_bce_category_loss_is_the_multi_hot_path_loss_by_hand():
+    model = make(category_loss="bce")
+    items = torch.tensor([1, 2, 6])
+    logits = torch.randn(3, len(items), T)
+    target = torch.zeros(len(items), T)
+    for row, item in enumerate(items.tolist()):
+        target[row, [0, 1 + ((item - 1) % 4)]] = 1.0
+    expected = sum(F.binary_cross_entropy_with_logits(logits[m], target, reduction="sum") for m in range(3))
+    assert torch.allclose(model.category_loss(logits, items), expected / (3 * len(items)))
+
+
+def test_bce_confidence_is_the_mean_log_sigmoid_of_the_true_path_tokens():
+    model = make(category_loss="bce")
+    items = torch.tensor([3, 4])
+    logits = torch.randn(3, 2, T)
+    logp = model.true_category_logp(logits, items)
+    for m in range(3):
+        for row, item in enumerate(items.tolist()):
+            tokens = [0, 1 + ((item - 1) % 4)]
+            assert torch.allclose(logp[m, row], F.logsigmoid(logits[m, row, tokens]).mean())
+
+
+def test_bce_model_trains_a_step_and_its_head_has_one_output_per_token():
+    model = make(category_loss="bce")
+    assert model.cat_head.out_features == T
+    seq = torch.tensor([[1, 2, 3, 0], [4, 5, 6, 7]])
+    loss, parts = model(seq, torch.tensor([[2, 3, 4, 0], [5, 6, 7, 8]]))
+    loss.backward()
+    assert parts["cat"] > 0 and model.cat_head.weight.grad.abs().sum() > 0
+
+
+def test_bce_needs_the_item_paths():
+    cfg = ModelConfig(num_items=N, num_categories=C, hidden_size=D, num_heads=2, category_loss="bce",
+                      num_path_tokens=T, use_text=False, use_image=False)
+    with pytest.raises(ValueError, match="needs item_path"):
+        CAMMSR(cfg, torch.zeros(N + 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="num_path_tokens"):
+        ModelConfig(num_items=N, num_categories=C, category_loss="bce")
+
+
+def test_weight_temperature_below_one_sharpens_the_confidence_weights():
+    items = torch.arange(1, N + 1)
+
+    def entropy(model):
+        _, w, _ = model.camoe(items)
+        return float(-(w * w.log()).sum(-1).mean().detach())
+
+    plain, sharp = make(), make(weight_temperature=0.1)
+    sharp.load_state_dict(plain.state_dict())
+    assert entropy(sharp) < entropy(plain)
+    _, w, logits = plain.camoe(items)
+    logp = plain.true_category_logp(logits, items)
+    assert torch.allclose(w, logp.T.softmax(-1))  # T = 1 is the plain softmax of log p
+
+
+def test_learned_score_scale_multiplies_each_modality_term():
+    model = make(score_scale="learned")
+    with torch.no_grad():
+        model.log_score_scale.copy_(torch.tensor([0.0, 1.0, -1.0]))
+    model.eval()
+    seq, lengths = torch.tensor([[1, 2, 3]]), torch.tensor([3])
+    z = model.encode_views(seq, last=lengths - 1).z[:, :, 0]  # [M, 1, d]
+    expected = sum(torch.exp(torch.tensor(s)) * (z[j] @ model.item_table(m).T)
+                   for j, (m, s) in enumerate(zip(model.mods, [0.0, 1.0, -1.0], strict=True)))
+    scores = model.score_last(seq, lengths)
+    assert torch.allclose(scores[:, 1:], expected[:, 1:], atol=1e-5)
+
+
+def test_one_encoder_per_modality_has_its_own_weights_and_stays_causal():
+    model = make(shared_encoder=False)
+    assert set(model.encoders) == {"id", "text", "image"}
+    assert model.encoders["id"][0].qkv.weight.data_ptr() != model.encoders["text"][0].qkv.weight.data_ptr()
+    model.eval()
+    a = model.encode_views(torch.tensor([[1, 2, 3, 4]])).z
+    b = model.encode_views(torch.tensor([[1, 2, 9, 10]])).z
+    assert torch.allclose(a[:, :, :2], b[:, :, :2], atol=1e-6)  # later items never reach earlier outputs
+    model.train()
+    loss, parts = model(torch.tensor([[1, 2, 3, 0]]), torch.tensor([[2, 3, 4, 0]]))
+    loss.backward()
+    assert "cl" in parts and model.encoders["image"][0].qkv.weight.grad.abs().sum() > 0
+
+
+def test_sasrec_ignores_the_new_switches():
+    cfg = ModelConfig(num_items=N, num_categories=C, score_scale="learned", shared_encoder=False).sasrec()
+    assert (cfg.score_scale, cfg.shared_encoder) == ("none", True)
