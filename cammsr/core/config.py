@@ -140,6 +140,7 @@ class TrainParams(Section):
     batch_size: int = Field(default=128, ge=1)
     batch_targets: int | None = Field(default=None, ge=1)
     bucket_batches: int = Field(default=32, ge=1)
+    windows: bool = True
     epochs: int = Field(default=60, ge=1)
     patience: int = Field(default=10, ge=1)
     use_id: bool = True

@@ -22,13 +22,39 @@ def pad_right(seqs: Sequence[np.ndarray], length: int | None = None) -> torch.Te
     return torch.from_numpy(out)
 
 
-def training_pairs(train_seqs: Sequence[np.ndarray], max_len: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Inputs s[:-1] and targets s[1:] (last ``max_len`` steps) of every sequence with >= 2 items."""
+def training_pairs(train_seqs: Sequence[np.ndarray], max_len: int, windows: bool = True
+                   ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Inputs s[:-1] and targets s[1:] of every sequence with >= 2 items, at most ``max_len`` steps each.
+
+    A sequence with more than ``max_len`` targets becomes windows of ``max_len`` steps (``windows``), the
+    newest first, each ending ``stride = max_len // 2`` steps before the next; a window scores only its
+    newest ``stride`` targets (the others are 0, no target), and the oldest window, which starts at the
+    sequence's start, every target that no newer window scores. So every target is trained once, with at
+    least ``stride`` items of history (or all it has). ``windows=False`` keeps only the newest window,
+    dropping the older targets.
+    """
     inputs, targets = [], []
+    stride = max(1, max_len // 2)
     for s in train_seqs:
-        if len(s) >= 2:
-            inputs.append(s[:-1][-max_len:])
-            targets.append(s[1:][-max_len:])
+        if len(s) < 2:
+            continue
+        x, y = s[:-1], s[1:]
+        n = len(x)
+        if n <= max_len or not windows:
+            inputs.append(x[-max_len:])
+            targets.append(y[-max_len:])
+            continue
+        end = n
+        while True:
+            start = max(0, end - max_len)
+            scored = np.array(y[start:end])
+            if start > 0:
+                scored[:-stride] = 0  # older targets belong to older windows
+            inputs.append(x[start:end])
+            targets.append(scored)
+            if start == 0:
+                break
+            end -= stride
     return inputs, targets
 
 

@@ -90,7 +90,7 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, inputs: list
     the CE is normalised by the global target count so gradients match a single process.
     """
     model.train()
-    lengths = np.array([len(s) for s in inputs])
+    lengths = np.array([int(np.count_nonzero(t)) for t in targets])  # targets per sequence (windows score some)
     sums: dict[str, float] = {}
     n_batches = 0
     batches = list(bucketed_batches(lengths, batch_size, gen, bucket_batches, batch_targets))
@@ -133,7 +133,7 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, weight_decay=train.weight_decay,
                             fused=device.type in ("cpu", "cuda"))
     gen = torch.Generator().manual_seed(project.seed)
-    inputs, targets = training_pairs(split.train_sequences(), split_params.max_seq_len)
+    inputs, targets = training_pairs(split.train_sequences(), split_params.max_seq_len, windows=train.windows)
     log.info("train[%s]: %s on %s (rank %d of %d), modalities %s, %d parameters, %d training sequences, %d items",
              name, train.model, device, dist.rank, dist.world, ",".join(model.mods), model.num_parameters(),
              len(inputs), split.num_items)

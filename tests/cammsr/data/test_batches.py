@@ -37,3 +37,20 @@ def test_target_budget_gives_about_the_budget_per_step_on_skewed_lengths():
     batches = draw(lengths, batch_size=1, bucket_batches=32, max_targets=512)
     totals = np.array([lengths[b].sum() for b in batches])
     assert totals.max() <= 512 and np.median(totals) > 450  # by sequences, totals would vary ~15x
+
+
+def test_windows_train_every_target_once_with_at_least_half_a_window_of_history():
+    from cammsr.data.batches import training_pairs
+
+    for n in (2, 30, 51, 52, 60, 76, 101, 333):
+        seq = np.arange(1, n + 1)  # item k is followed by k + 1: a target's value names its position
+        inputs, targets = training_pairs([seq], max_len=50)
+        scored = np.concatenate([t[t > 0] for t in targets])
+        assert sorted(scored.tolist()) == list(range(2, n + 1)), n  # every target once
+        for x, t in zip(inputs, targets, strict=True):
+            assert len(x) == len(t) <= 50
+            for p in np.flatnonzero(t):
+                assert np.array_equal(x[: p + 1], np.arange(t[p] - p - 1, t[p]))  # the true history
+                assert p + 1 >= 25 or x[0] == 1  # half a window of history, or all there is
+    inputs, targets = training_pairs([np.arange(1, 101)], max_len=50, windows=False)
+    assert len(inputs) == 1 and targets[0].tolist() == list(range(51, 101))  # newest window only
