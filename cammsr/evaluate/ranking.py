@@ -23,20 +23,28 @@ def rank_targets(score_fn: ScoreFn, histories: Sequence[np.ndarray], targets: np
     except the target itself, so a repeat purchase can still be a hit.
     Users are scored in length order (less padding) and ranks returned in input order.
     """
+    return rank_targets_by_protocol(score_fn, histories, targets, batch_size, (mask_history,), device)[mask_history]
+
+
+def rank_targets_by_protocol(score_fn: ScoreFn, histories: Sequence[np.ndarray], targets: np.ndarray,
+                             batch_size: int = 1024, masks: Sequence[bool] = (False, True),
+                             device: torch.device | str = "cpu") -> dict[bool, np.ndarray]:
+    """`rank_targets` under each history-masking choice in ``masks``, scoring every user once."""
     lengths = np.array([len(h) for h in histories], dtype=np.int64)
     order = np.argsort(lengths, kind="stable")
-    ranks = np.empty(len(histories), dtype=np.int64)
+    ranks = {mask: np.empty(len(histories), dtype=np.int64) for mask in masks}
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         seq = pad_right([histories[i] for i in idx]).to(device)  # [B, L]
         tgt = torch.from_numpy(targets[idx]).to(device)  # [B]
         scores = score_fn(seq, torch.from_numpy(lengths[idx]).to(device)).float()  # [B, N+1]
         scores[:, 0] = float("-inf")
-        if mask_history:
-            keep = scores.gather(1, tgt[:, None])
-            scores.scatter_(1, seq, float("-inf"))
-            scores.scatter_(1, tgt[:, None], keep)
-        ranks[idx] = target_ranks(scores, tgt).cpu().numpy()
+        for mask in sorted(masks):  # unmasked first: masking writes into the scores
+            if mask:
+                keep = scores.gather(1, tgt[:, None])
+                scores.scatter_(1, seq, float("-inf"))
+                scores.scatter_(1, tgt[:, None], keep)
+            ranks[mask][idx] = target_ranks(scores, tgt).cpu().numpy()
     return ranks
 
 

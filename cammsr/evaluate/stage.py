@@ -1,7 +1,9 @@
 """The evaluate stage: full-ranking test metrics of the trained model beside most-popular.
 
-Writes ``metrics.json`` (DVC metrics), ``eval/per_category.csv`` (test metrics by the target's
-category) and ``eval/modality_weights.csv`` + ``.png`` (mean learned modality weights per category).
+Writes ``metrics.json`` (DVC metrics: valid and test, the test also under the other history-masking
+protocol, and test NDCG/HR@10 by the target's training popularity: head, torso, tail), ``eval/per_category.csv``
+(test metrics by the target's category) and ``eval/modality_weights.csv`` + ``.png`` (mean learned
+modality weights per category).
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from cammsr.core.malloc import tune_glibc_malloc
 from cammsr.core.paths import CatalogPaths
 from cammsr.core.summary import StageSummary
 from cammsr.data.splits import SplitData, load_splits
+from cammsr.evaluate.buckets import bucket_metrics, popularity_buckets, training_counts
 from cammsr.evaluate.metrics import metrics_from_ranks
-from cammsr.evaluate.ranking import popularity_scorer, rank_targets
+from cammsr.evaluate.ranking import popularity_scorer, rank_targets_by_protocol
 from cammsr.model import CAMMSR
 from cammsr.model.io import load_checkpoint
 
@@ -96,13 +99,19 @@ def run_evaluate(name: str, split_params: SplitParams, params: EvaluateParams, p
     test_ranks: dict[str, np.ndarray] = {}
     for part in ("valid", "test"):
         hist, targets, _ = split.held_out(part, split_params.max_seq_len)
+        # test: both protocols from one scoring pass (the configured one is "test", the other beside it)
+        masks = (params.mask_history,) if part == "valid" else (False, True)
         for ranker, fn in (("model", model.score_last), ("popularity", pop)):
-            ranks = rank_targets(fn, hist, targets, params.batch_size, params.mask_history, device)
-            results[ranker][part] = {k: round(v, 6) for k, v in metrics_from_ranks(ranks, params.ks).items()}
+            ranks = rank_targets_by_protocol(fn, hist, targets, params.batch_size, masks, device)
+            for mask, r in ranks.items():
+                key = part if mask == params.mask_history else f"{part}_history_{'masked' if mask else 'unmasked'}"
+                results[ranker][key] = {k: round(v, 6) for k, v in metrics_from_ranks(r, params.ks).items()}
             if part == "test":
-                test_ranks[ranker] = ranks
+                test_ranks[ranker] = ranks[params.mask_history]
     _, test_targets, _ = split.held_out("test", split_params.max_seq_len)
-    metrics = {**results, "model_name": ckpt.get("model_name", "?"), "users": len(test_targets),
+    labels = popularity_buckets(training_counts(split.train_sequences(), split.num_items))
+    metrics = {**results, "by_target_popularity": bucket_metrics(test_ranks, test_targets, labels),
+               "model_name": ckpt.get("model_name", "?"), "users": len(test_targets),
                "items": split.num_items, "best_epoch": int(ckpt.get("epoch", -1)), "mask_history": params.mask_history}
     write_json_atomic(paths.metrics, metrics)
 
@@ -120,6 +129,10 @@ def run_evaluate(name: str, split_params: SplitParams, params: EvaluateParams, p
         per_cat = [f"{row['category']}: " + " ".join(f"{c[2:]} {row[c]:.2f}" for c in cols)
                    for row in weights.iter_rows(named=True)]
         notes.append("mean modality weights per category: " + "; ".join(per_cat))
+    tail = metrics["by_target_popularity"]["tail"]
+    if tail["users"]:
+        notes.append(f"tail targets (seen < 5 times in training, {tail['users']} users): NDCG@10 model "
+                     f"{tail['model']['ndcg@10']:.4f}, most-popular {tail['popularity']['ndcg@10']:.4f}")
     m, p = results["model"]["test"], results["popularity"]["test"]
     summary = StageSummary(
         stage="evaluate", catalog=name,

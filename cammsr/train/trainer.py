@@ -53,6 +53,20 @@ def validate(model: CAMMSR, split: SplitData, max_len: int, params: EvaluatePara
     return metrics_from_ranks(ranks, params.ks)
 
 
+@torch.no_grad()
+def weight_stats(model: CAMMSR, device: torch.device) -> dict[str, float]:
+    """How informative the modality weights w are over all items: their mean entropy as a share of
+    log M (1 = uniform, the "w/o category guidance" setting), and the mean weight of each modality.
+    Empty without CAMoE or with a single modality."""
+    if not model.use_moe or len(model.mods) < 2:
+        return {}
+    model.eval()
+    _, w, _ = model.camoe(torch.arange(1, model.cfg.num_items + 1, device=device))  # [N, M]
+    entropy = -(w * w.clamp(min=1e-12).log()).sum(-1) / np.log(len(model.mods))  # [N]
+    return {"weight_entropy": float(entropy.mean()),
+            **{f"w_{m}": float(w[:, j].mean()) for j, m in enumerate(model.mods)}}
+
+
 @dataclass(frozen=True)
 class Dist:
     """Where this process sits in a torchrun job (rank 0 of 1 without torchrun)."""
@@ -159,6 +173,7 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
                            dist=dist, batch_targets=train.batch_targets, bucket_batches=train.bucket_batches)
         train_s = time.perf_counter() - te
         valid = validate(model, split, split_params.max_seq_len, evaluate, device)
+        weights = weight_stats(model, device)
         res = EpochResult(epoch, loss, valid, train_s, len(inputs) / max(train_s, 1e-9))
         history.append(res)
         improved = valid[SELECT_METRIC] > best
@@ -168,14 +183,17 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
                 save_checkpoint(best_path, model, epoch=epoch, valid=valid, model_name=train.model)
         else:
             bad_epochs += 1
-        log.info("epoch %d loss %s valid %s %.4f hr@10 %.4f (%.1f s, %.0f seq/s)%s", epoch,
+        log.info("epoch %d loss %s valid %s %.4f hr@10 %.4f%s (%.1f s, %.0f seq/s)%s", epoch,
                  " ".join(f"{k}={v:.4f}" for k, v in loss.items()), SELECT_METRIC, valid[SELECT_METRIC],
-                 valid["hr@10"], train_s, res.sequences_per_s, " *" if improved else "")
+                 valid["hr@10"], "".join(f" {k} {v:.3f}" for k, v in weights.items()), train_s,
+                 res.sequences_per_s, " *" if improved else "")
         if live is not None:
             for k, v in loss.items():
                 live.log_metric(f"train/loss_{k}", v)
             for k, v in valid.items():
                 live.log_metric(f"valid/{k}", v)
+            for k, v in weights.items():
+                live.log_metric(f"train/{k}", v)
             live.log_metric("train/epoch_seconds", train_s)
             live.next_step()
         if dist.main:
