@@ -20,3 +20,15 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+# Session fixtures that cost tens of seconds (the whole DAG once; the Prefect test server's start): a test
+# using one must be marked slow, or `pytest -m "not slow"` would quietly pay for it.
+SLOW_FIXTURES = frozenset({"dvc_project", "flow_project", "prefect_harness"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    unmarked = [item.nodeid for item in items
+                if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) and item.get_closest_marker("slow") is None]
+    if unmarked:
+        raise pytest.UsageError(f"uses {sorted(SLOW_FIXTURES)} but is not marked @pytest.mark.slow: {unmarked}")

@@ -13,7 +13,10 @@ malformed lines, no valid review.
 from __future__ import annotations
 
 import logging
+import zlib
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -155,6 +158,18 @@ def _fail(url: str, what: str) -> SourceError:
     return SourceError(f"{url}: {what}")
 
 
+UNREADABLE = (OSError, EOFError, zlib.error)  # a truncated or corrupt gzip stream
+
+
+@contextmanager
+def _readable(url: str) -> Iterator[None]:
+    """Turn a gzip stream that breaks while it is read (cut short past its first records) into a SourceError."""
+    try:
+        yield
+    except UNREADABLE as exc:
+        raise _fail(url, f"unreadable ({exc})") from exc
+
+
 def _file_report(result: FetchResult, kind: Kind, reader: SourceReader) -> FileReport:
     keys: set[str] = set()
     seen = 0
@@ -178,7 +193,7 @@ def _reader(result: FetchResult, kind: Kind, quarantine: Quarantine) -> SourceRe
         reader = SourceReader(result.path, kind, quarantine, file=url, progress=False) if first else None
     except FormatError as exc:
         raise SourceError(str(exc)) from exc
-    except (OSError, EOFError) as exc:  # a truncated or corrupt gzip stream
+    except UNREADABLE as exc:
         raise _fail(url, f"unreadable ({exc})") from exc
     if reader is None:
         raise _fail(url, f"empty file ({result.entry.bytes} bytes, no records): expected an Amazon {kind} file")
@@ -244,12 +259,13 @@ def check_source(
     items: dict[str, None] = {}
     rated = 0
     first, last = None, None
-    for review in reader:
-        per_user[review.user_id] += 1
-        items.setdefault(review.item_id)
-        rated += review.rating is not None
-        first = review.timestamp if first is None else min(first, review.timestamp)
-        last = review.timestamp if last is None else max(last, review.timestamp)
+    with _readable(reviews):
+        for review in reader:
+            per_user[review.user_id] += 1
+            items.setdefault(review.item_id)
+            rated += review.rating is not None
+            first = review.timestamp if first is None else min(first, review.timestamp)
+            last = review.timestamp if last is None else max(last, review.timestamp)
     rev_report.records = reader.lines
     _check_quarantine(rev_report, quarantine, max_quarantine_fraction)
     if not per_user:
@@ -285,17 +301,18 @@ def _read_meta(report: SourceReport, fetched: FetchResult, items: dict[str, None
     fields: Counter[str] = Counter()
     labels: set[str] = set()
     seen: set[str] = set()
-    for meta in reader:
-        if meta.item_id not in items or meta.item_id in seen:
-            continue
-        seen.add(meta.item_id)
-        values = {"title": meta.title, "description": meta.description, "brand": meta.brand,
-                  "categories": " > ".join(meta.categories) or None, "image_url": meta.image_url}
-        for name, value in values.items():
-            if value:
-                fields[name] += 1
-                report.examples.setdefault(name, value[:60])
-        labels.add(category_label(meta.categories, category_level))
+    with _readable(fetched.entry.url):
+        for meta in reader:
+            if meta.item_id not in items or meta.item_id in seen:
+                continue
+            seen.add(meta.item_id)
+            values = {"title": meta.title, "description": meta.description, "brand": meta.brand,
+                      "categories": " > ".join(meta.categories) or None, "image_url": meta.image_url}
+            for name, value in values.items():
+                if value:
+                    fields[name] += 1
+                    report.examples.setdefault(name, value[:60])
+            labels.add(category_label(meta.categories, category_level))
     report.meta.records = reader.lines
     _check_quarantine(report.meta, quarantine, max_fraction)
     report.described, report.fields, report.categories = len(seen), dict(fields), len(labels)

@@ -2,13 +2,13 @@
 
 import gzip
 import json
-from pathlib import Path
 
 import yaml
 
 from benchmarks.ingest import ingest_once, write_catalog
 from benchmarks.vs_recbole import TOYS, epoch_stats, scratch_params
 from cammsr.core.config import load_params
+from tests.params_builder import params_dict, write_params
 
 
 def test_ingest_benchmark_catalog_is_amazon_2018_and_ingests(tmp_path):
@@ -21,10 +21,16 @@ def test_ingest_benchmark_catalog_is_amazon_2018_and_ingests(tmp_path):
     assert r["raw_mb"] > r["gz_mb"] > 0 and r["peak_rss_mb"] >= r["rss_after_imports_mb"]
 
 
-def test_scratch_params_adds_toys_under_data_bench(tmp_path):
-    path = scratch_params(tmp_path / "params.yaml", "toys")
+def test_scratch_params_take_the_repo_settings_but_only_toys_under_data_bench(tmp_path, monkeypatch):
+    import benchmarks.vs_recbole as vs_recbole
+
+    repo = tmp_path / "repo"  # a working params.yaml with a tuned setting and a catalog of its own
+    write_params(repo / "params.yaml", params_dict({"web": {"reviews": "https://127.0.0.1:9/r.json"}},
+                                                   {"train": {"epochs": 7}}))
+    monkeypatch.setattr(vs_recbole, "REPO", repo)
+    path = scratch_params(tmp_path / "bench" / "params.yaml", "toys")
     p = load_params(path)
-    assert p.project.data_dir == "data/bench" and list(p.catalogs) == ["toys"]
+    assert p.project.data_dir == "data/bench" and list(p.catalogs) == ["toys"] and p.train.epochs == 7
     assert p.catalogs["toys"].images is False and yaml.safe_load(path.read_text())["catalogs"]["toys"] == TOYS
 
 
@@ -52,10 +58,8 @@ def test_eval_breakdown_times_each_fix_and_checks_old_and_new_ranks_agree(tmp_pa
     run_split("tiny", SplitParams(), paths)
     run_train("tiny", TrainParams(model="sasrec", epochs=1, hidden_size=16, num_layers=2, num_heads=1, ffn_size=32,
                                   batch_size=32), SplitParams(), EvaluateParams(), ProjectParams(device="cpu"), paths)
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["project"]["data_dir"] = str(tmp_path / "data")
-    params["catalogs"] = {"tiny": {"reviews": "file:unused.json.gz", "images": False}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path / "params.yaml", params_dict({"tiny": {"reviews": "file:unused.json.gz", "images": False}},
+                                                       {"project": {"data_dir": str(tmp_path / "data")}}))
     monkeypatch.setattr(sys, "argv", ["eval_breakdown", "--catalog", "tiny", "--params", str(tmp_path / "params.yaml"),
                                       "--batch-size", "50", "--repeats", "1", "--threads", "1"])
     threads = torch.get_num_threads()

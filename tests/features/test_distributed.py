@@ -61,6 +61,7 @@ def _is_daemon(_: int) -> bool:
     return multiprocessing.current_process().daemon
 
 
+@pytest.mark.slow  # a two-worker Dask cluster
 def test_workers_are_not_daemons_so_they_may_start_dataloader_workers(cluster):
     from distributed import Client
 
@@ -68,6 +69,7 @@ def test_workers_are_not_daemons_so_they_may_start_dataloader_workers(cluster):
         assert client.gather(client.map(_is_daemon, [0, 1], pure=False)) == [False, False]
 
 
+@pytest.mark.slow  # a two-worker Dask cluster
 def test_shard_failure_keeps_finished_parts_for_a_local_resume(tmp_path, cluster, prefect_harness):
     """2 workers, 2 shards of 2 chunks; the second shard dies on its last chunk."""
     store = tmp_path / "text.parquet"
@@ -125,6 +127,7 @@ def make_catalog(root: Path, n: int = 13) -> CatalogPaths:
     return paths
 
 
+@pytest.mark.slow  # a two-worker Dask cluster
 def test_dask_runner_with_two_workers_matches_the_local_run(tmp_path, tiny_bert, cluster, prefect_harness, caplog):
     text = TextFeatureParams(model=str(tiny_bert), max_length=32, batch_size=4)
     image = ImageFeatureParams(model=tiny_clip_dir(tmp_path / "clip"), batch_size=4, num_workers=0)

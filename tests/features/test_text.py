@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 
 import numpy as np
@@ -137,7 +138,8 @@ def test_encode_text_store_matches_direct_forward(catalog, tiny_bert):
     assert {k: summary.counts[k] for k in ("encoded", "reused", "removed", "failed", "total", "dim")} == {
         "encoded": 7, "reused": 0, "removed": 0, "failed": 0, "total": 7, "dim": 32,
     }  # fmt: skip
-    assert catalog.summary("encode_text").exists()
+    written = json.loads(catalog.summary("encode_text").read_text())
+    assert (written["stage"], written["catalog"], written["counts"]) == ("encode_text", "toys", summary.counts)
 
     rows = read_rows(catalog.text_features)
     assert rows.item_ids == [it["item_id"] for it in ITEMS]

@@ -7,11 +7,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cammsr.core.config import load_params
 from cammsr.ops.stages import Project
 from flows.deployments import ONBOARD, PIPELINE, REFRESH, build_deployments
+from tests.params_builder import params_dict, write_params
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]  # for prefect.yaml, the file under test; never its params.yaml
+
+
+@pytest.fixture
+def project(tmp_path) -> Project:
+    """A project folder whose params.yaml is the test's, with a cron no default has."""
+    write_params(tmp_path / "params.yaml", params_dict(overrides={"orchestration": {"refresh_cron": "17 5 * * 2"}}))
+    return Project.at(tmp_path)
 
 
 def _templated_prefect_yaml(params_path: Path) -> tuple[dict, list[dict]]:
@@ -27,11 +34,10 @@ def _templated_prefect_yaml(params_path: Path) -> tuple[dict, list[dict]]:
     return pull, [apply_values(d, outputs) for d in config["deployments"]]
 
 
+@pytest.mark.slow  # the Prefect test server
 @pytest.mark.usefixtures("prefect_harness")  # run_steps reports step events to a server
 def test_prefect_yaml_cron_comes_from_params(tmp_path, monkeypatch):
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["orchestration"]["refresh_cron"] = "*/5 * * * *"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path / "params.yaml", params_dict(overrides={"orchestration": {"refresh_cron": "*/5 * * * *"}}))
     monkeypatch.chdir(tmp_path)  # `prefect deploy` runs from the project root
     pull, deployments = _templated_prefect_yaml(tmp_path / "params.yaml")
     by_name = {d["name"]: d for d in deployments}
@@ -52,17 +58,20 @@ def test_prefect_yaml_entrypoints_load_the_flows(monkeypatch):
     assert names == {REFRESH: "refresh-features", PIPELINE: "pipeline", ONBOARD: "onboard-catalog"}
 
 
-def test_served_deployments_take_the_cron_from_params():
-    deployments = build_deployments(Project.at(REPO))
+def test_served_deployments_take_the_cron_from_params(project):
+    deployments = build_deployments(project)
     by_name = {d.name: d for d in deployments}
-    assert by_name[REFRESH].schedules[0].schedule.cron == load_params(REPO / "params.yaml").orchestration.refresh_cron
+    assert by_name[REFRESH].schedules[0].schedule.cron == "17 5 * * 2"
     assert not by_name[PIPELINE].schedules and not by_name[ONBOARD].schedules
     assert by_name[ONBOARD].entrypoint == "flows.onboard.onboard_catalog"
-    assert build_deployments(Project.at(REPO), cron="* * * * *")[0].schedules[0].schedule.cron == "* * * * *"
+    where = {"root": str(project.root), "params_path": str(project.params_path)}
+    assert all(d.parameters == where for d in deployments)
+    assert build_deployments(project, cron="* * * * *")[0].schedules[0].schedule.cron == "* * * * *"
 
 
+@pytest.mark.slow  # the Prefect test server
 @pytest.mark.usefixtures("prefect_harness")
-def test_cron_deployment_gets_scheduled_runs():
+def test_cron_deployment_gets_scheduled_runs(project):
     """Create the refresh deployment on the test server and list its scheduled runs.
 
     The test server does not run Prefect's scheduler service (a `prefect server start` does), so the
@@ -71,12 +80,12 @@ def test_cron_deployment_gets_scheduled_runs():
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
-    deployment = build_deployments(Project.at(REPO), cron="30 4 * * *")[0]
+    deployment = build_deployments(project, cron="30 4 * * *")[0]
     deployment_id = deployment.apply()
     with get_client(sync_client=True) as client:
         stored = client.read_deployment(deployment_id)
         assert stored.name == REFRESH and stored.schedules[0].schedule.cron == "30 4 * * *"
-        assert stored.parameters == {"root": str(REPO), "params_path": str(REPO / "params.yaml")}
+        assert stored.parameters == {"root": str(project.root), "params_path": str(project.params_path)}
         resp = client._client.post(f"/deployments/{deployment_id}/schedule", json={"max_runs": 3})
         resp.raise_for_status()
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))

@@ -5,12 +5,12 @@ import json
 
 import polars as pl
 import pytest
-import yaml
 
 from cammsr.core.config import DemoParams
 from demo.generate import generate_demo
 from flows.refresh import refresh_features, refresh_stages
 from tests.integration.conftest import dvc, make_project_copy
+from tests.params_builder import TINY, tiny_params
 
 SOURCE = "sources/mini"
 META = f"{SOURCE}/meta_Demo.json.gz"
@@ -19,13 +19,10 @@ META = f"{SOURCE}/meta_Demo.json.gz"
 @pytest.fixture(scope="module")
 def mini(tmp_path_factory):
     """A tiny project whose one catalog reads plain files (not the generated demo, which a refresh regenerates)."""
-    root = make_project_copy(tmp_path_factory.mktemp("refresh"))
-    generate_demo(root / SOURCE, DemoParams(n_users=80, n_items=40, n_categories=3, mean_length=8.0, image_size=32,
-                                            seed=3))
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["catalogs"] = {"mini": {"reviews": f"file:{SOURCE}/reviews_Demo_5.json.gz", "meta": f"file:{META}",
-                                   "images": True, "source_dep": SOURCE}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    catalogs = {"mini": {"reviews": f"file:{SOURCE}/reviews_Demo_5.json.gz", "meta": f"file:{META}",
+                         "images": True, "source_dep": SOURCE}}
+    root = make_project_copy(tmp_path_factory.mktemp("refresh"), tiny_params(catalogs))
+    generate_demo(root / SOURCE, DemoParams(**TINY["demo"]))
     return root
 
 
@@ -72,6 +69,7 @@ def refreshes(mini, prefect_harness):
     return first, stale_after_first, asin, second, third
 
 
+@pytest.mark.slow  # three refresh flow runs with DVC sync
 def test_first_refresh_builds_the_features_only(refreshes):
     first, stale, _, _, _ = refreshes
     s = _by_stage(first)
@@ -83,6 +81,7 @@ def test_first_refresh_builds_the_features_only(refreshes):
     assert stale == ["evaluate@mini", "split@mini", "train@mini"]
 
 
+@pytest.mark.slow  # three refresh flow runs with DVC sync
 def test_one_changed_item_encodes_one_item(refreshes):
     first, _, _, second, _ = refreshes
     s = _by_stage(second)
@@ -93,6 +92,7 @@ def test_one_changed_item_encodes_one_item(refreshes):
     assert s["encode_image"]["skipped"] is True  # images.parquet unchanged: DVC says up to date
 
 
+@pytest.mark.slow  # three refresh flow runs with DVC sync
 def test_unchanged_sources_skip_features_and_downstream_runs_when_asked(refreshes, mini):
     *_, third = refreshes
     s = _by_stage(third)

@@ -1,4 +1,8 @@
-"""A temp copy of the project with a tiny demo catalog, for end-to-end runs of the DAG."""
+"""A temp copy of the project with a tiny demo catalog, for end-to-end runs of the DAG.
+
+The copy's params.yaml is the test's own (`tests.params_builder`): the repo's params.yaml is never read,
+so the catalogs a user has onboarded there do not run here.
+"""
 
 from __future__ import annotations
 
@@ -7,30 +11,25 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
-import yaml
+
+from tests.params_builder import TINY, tiny_params, write_params
+
+__all__ = ["REPO", "TINY", "copy_project_files", "dvc", "make_project_copy", "popularity_by_hand",
+           "project_env"]
 
 REPO = Path(__file__).resolve().parents[2]
-COPIED = ["cammsr", "features", "flows", "demo", "dvc.yaml", ".dvcignore", "params.yaml"]
-
-TINY = {
-    "demo": {"n_users": 80, "n_items": 40, "n_categories": 3, "mean_length": 8.0, "image_size": 32, "seed": 3},
-    "features": {"image": {"batch_size": 16}, "text": {"batch_size": 32, "max_length": 32}},
-    "train": {"epochs": 2, "hidden_size": 16, "num_layers": 1, "num_heads": 1, "ffn_size": 32, "batch_size": 32,
-              "patience": 5},
-    "project": {"device": "cpu"},
-}
+COPIED = ["cammsr", "features", "flows", "demo", "dvc.yaml", ".dvcignore"]  # code and DAG only, never params.yaml
 
 
-def _merge(base: dict, over: dict) -> dict:
-    for k, v in over.items():
-        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
-    return base
+def copy_project_files(dest: Path, params: dict[str, Any] | None = None) -> Path:
+    """Copy the code and dvc.yaml into ``dest`` and write ``params`` (default: `tiny_params()`) as its params.yaml.
 
-
-def make_project_copy(dest: Path, overrides: dict = TINY) -> Path:
-    """Copy the code, dvc.yaml and a shrunken params.yaml into ``dest`` as a fresh git + DVC repo."""
+    ``params`` is the whole file: its catalogs are the only ones DVC's foreach stages expand to.
+    """
     dest.mkdir(parents=True, exist_ok=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in COPIED:
@@ -39,8 +38,13 @@ def make_project_copy(dest: Path, overrides: dict = TINY) -> Path:
             shutil.copytree(src, dest / name, ignore=ignore)
         else:
             shutil.copy2(src, dest / name)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    (dest / "params.yaml").write_text(yaml.safe_dump(_merge(params, overrides), sort_keys=False))
+    write_params(dest / "params.yaml", tiny_params() if params is None else params)
+    return dest
+
+
+def make_project_copy(dest: Path, params: dict[str, Any] | None = None) -> Path:
+    """`copy_project_files`, then make ``dest`` a fresh git + DVC repo with one commit."""
+    copy_project_files(dest, params)
     env = project_env()
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True, env=env)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=dest, check=True, env=env)
@@ -72,3 +76,21 @@ def dvc_project(tmp_path_factory) -> Path:
     res = dvc(root, "repro")
     assert res.returncode == 0, f"dvc repro failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
     return root
+
+
+def popularity_by_hand(split, ks) -> dict[str, float]:
+    """Most-popular's test metrics counted without cammsr.evaluate: an item's score is its count in the users'
+    training parts (all but the last two items), items that tie with the target rank above it, and
+    HR = hit, NDCG = 1 / log2(rank + 2), MRR = 1 / (rank + 1) for a 0-based rank below k."""
+    counts = np.zeros(split.num_items + 1)
+    for seq in split.sequences:
+        np.add.at(counts, seq[:-2] if len(seq) >= 3 else seq, 1)
+    targets = [seq[-1] for seq in split.sequences if len(seq) >= 3]
+    ranks = np.array([(counts[1:] >= counts[t]).sum() - 1 for t in targets])  # column 0 (padding) never ranks
+    out = {}
+    for k in ks:
+        hit = ranks < k
+        out[f"hr@{k}"] = hit.mean()
+        out[f"ndcg@{k}"] = np.where(hit, 1 / np.log2(ranks + 2.0), 0).mean()
+        out[f"mrr@{k}"] = np.where(hit, 1 / (ranks + 1.0), 0).mean()
+    return out

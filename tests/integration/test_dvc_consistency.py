@@ -9,6 +9,7 @@ import yaml
 
 from tests.integration.conftest import dvc
 
+pytestmark = pytest.mark.slow  # `dvc repro` of the whole DAG, then Prefect runs of it
 STAGES = ["demo_source", "ingest", "encode_text", "encode_image", "split", "train", "evaluate"]
 
 

@@ -3,9 +3,13 @@
 import json
 
 import polars as pl
+import pytest
 import yaml
 
-from tests.integration.conftest import dvc
+from cammsr.data.splits import load_splits
+from tests.integration.conftest import dvc, popularity_by_hand
+
+pytestmark = pytest.mark.slow  # every test here shares one `dvc repro` of the whole DAG (~40 s)
 
 
 def _declared_outputs(root):
@@ -45,14 +49,25 @@ def test_second_repro_has_nothing_to_do(dvc_project):
 def test_metrics_and_ingest_summary(dvc_project):
     d = dvc_project / "data" / "demo"
     metrics = json.loads((d / "metrics.json").read_text())
-    for ranker in ("model", "popularity"):
-        assert set(metrics[ranker]["test"]) == {f"{m}@{k}" for m in ("hr", "ndcg", "mrr") for k in (5, 10, 20)}
+    split = load_splits(d / "splits")
+    names = {f"{m}@{k}" for m in ("hr", "ndcg", "mrr") for k in (5, 10, 20)}
+    assert set(metrics["model"]["test"]) == names and metrics["users"] == len(split.sequences)
+    assert metrics["popularity"]["test"] == pytest.approx(popularity_by_hand(split, (5, 10, 20)), abs=1e-6)
+    for ranker in ("model", "popularity"):  # what any ranking's metrics obey
+        m = metrics[ranker]["test"]
+        assert all(m[f"mrr@{k}"] <= m[f"ndcg@{k}"] <= m[f"hr@{k}"] <= 1 for k in (5, 10, 20)), (ranker, m)
+        assert m["hr@5"] <= m["hr@10"] <= m["hr@20"], (ranker, m)
+
+    demo = json.loads((dvc_project / "data/sources/demo/demo_summary.json").read_text())
     ingest = json.loads((d / "summaries" / "ingest.json").read_text())["counts"]
-    assert ingest["quarantined"] >= 1  # the demo plants one malformed line
-    assert ingest["duplicates_dropped"] == 1
-    images = pl.read_parquet(d / "images.parquet")
-    assert (images["status"] == "ok").sum() >= 1
-    assert images["status"].str.starts_with("failed").sum() >= 1  # the planted corrupt image
+    assert ingest["reviews_lines"] == demo["n_review_lines"] and ingest["interactions"] == demo["n_reviews"]
+    assert ingest["quarantined"] == 1  # the demo's one malformed line
+    assert ingest["duplicates_dropped"] == 1  # and its one exact duplicate
+    assert ingest["items_without_meta"] == 1
+    status = dict(pl.read_parquet(d / "images.parquet").select("item_id", "status").iter_rows())
+    assert status.pop(demo["missing_meta_item"]) == status.pop(demo["missing_image_item"]) == "missing"
+    assert status.pop(demo["corrupt_image_item"]).startswith("failed: undecodable")
+    assert set(status.values()) == {"ok"} and len(status) == ingest["items"] - 3
     res = dvc(dvc_project, "metrics", "show")
     assert res.returncode == 0 and "popularity" in res.stdout
 

@@ -7,16 +7,20 @@ restore an edited stage output by rerunning the generator.
 
 from __future__ import annotations
 
-import copy
 import gzip
 import json
 
 import numpy as np
+import polars as pl
+import pytest
 
 from cammsr.core.config import DemoParams
-from demo.generate import META_FILE, generate_demo
+from demo.generate import META_FILE, REVIEWS_FILE, generate_demo
 from features.store import read_rows
-from tests.integration.conftest import TINY, dvc, make_project_copy
+from tests.integration.conftest import dvc, make_project_copy
+from tests.params_builder import TINY, tiny_params
+
+pytestmark = pytest.mark.slow  # two `dvc repro`s of ingest and both encoders
 
 SOURCE = "data/sources/edited"
 STAGES = ("encode_text@demo", "encode_image@demo")
@@ -39,13 +43,9 @@ def _edit_one_title(meta_path, asin: str, title: str) -> None:
 
 
 def test_repro_after_one_title_edit_reencodes_one_text_row(tmp_path):
-    overrides = copy.deepcopy(TINY)
-    overrides["features"]["image"]["model"] = "ViT-S-32"  # a quarter of ViT-B-32's work; same code path
-    overrides["catalogs"] = {
-        "demo": {"reviews": f"file:{SOURCE}/reviews_Demo_5.json.gz", "meta": f"file:{SOURCE}/{META_FILE}",
-                 "source_dep": SOURCE}
-    }  # fmt: skip
-    root = make_project_copy(tmp_path / "proj", overrides)
+    catalog = {"reviews": f"file:{SOURCE}/{REVIEWS_FILE}", "meta": f"file:{SOURCE}/{META_FILE}", "source_dep": SOURCE}
+    params = tiny_params({"demo": catalog}, {"features": {"image": {"model": "ViT-S-32"}}})  # ViT-S: 1/4 the work
+    root = make_project_copy(tmp_path / "proj", params)
     generate_demo(root / SOURCE, DemoParams(**TINY["demo"]))
 
     first = dvc(root, "repro", *STAGES)
@@ -53,9 +53,13 @@ def test_repro_after_one_title_edit_reencodes_one_text_row(tmp_path):
     text1 = _summary(root, "encode_text")
     n = text1["total"]
     assert n > 10 and text1["encoded"] == n and text1["reused"] == 0
-    assert _summary(root, "encode_image")["encoded"] > 0
+    images_ok = int((pl.read_parquet(root / "data/demo/images.parquet")["status"] == "ok").sum())
+    assert _summary(root, "encode_image")["encoded"] == images_ok == n - 3  # no meta, no file, corrupt: no image
     before = read_rows(root / "data/demo/features/text.parquet")
-    image_before = (root / "data/demo/features/image.parquet").read_bytes()
+    image_store = root / "data/demo/features/image.parquet"
+    image_before = (image_store.read_bytes(), image_store.stat().st_mtime_ns)
+    image_files = {p: p.stat().st_mtime_ns for p in (root / "data/demo/images").rglob("*") if p.is_file()}
+    assert len(image_files) == images_ok
 
     edited = before.item_ids[len(before.item_ids) // 2]
     _edit_one_title(root / SOURCE / META_FILE, edited, "A brand new title for the refresh test")
@@ -73,11 +77,12 @@ def test_repro_after_one_title_edit_reencodes_one_text_row(tmp_path):
     assert [after.item_ids[i] for i in range(n) if after.shas[i] != before.shas[i]] == [edited]
     np.testing.assert_array_equal(np.delete(after.embeddings, changed, 0), np.delete(before.embeddings, changed, 0))
 
-    # the images did not change: DVC skips the stage, or the stage reuses every row
-    skipped = "Stage 'encode_image@demo' didn't change, skipping" in second.stdout
-    assert skipped or _summary(root, "encode_image")["encoded"] == 0, second.stdout[-3000:]
-    assert (root / "data/demo/features/image.parquet").read_bytes() == image_before or not skipped
+    # the images did not change: ingest reused every one (no file rewritten), wrote the same images.parquet,
+    # so DVC skips encode_image and its store is not touched
+    assert _summary(root, "ingest")["images_reused"] == images_ok
+    assert {p: p.stat().st_mtime_ns for p in image_files} == image_files
+    assert "Stage 'encode_image@demo' didn't change, skipping" in second.stdout, second.stdout[-3000:]
+    assert (image_store.read_bytes(), image_store.stat().st_mtime_ns) == image_before
 
     status = dvc(root, "status", *STAGES)
     assert status.returncode == 0 and "changed" not in status.stdout, status.stdout
-    print(f"encode_text after the edit: {text2}; encode_image skipped by DVC: {skipped}")

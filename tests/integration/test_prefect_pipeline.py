@@ -9,6 +9,7 @@ import pytest
 
 from tests.integration.conftest import dvc, make_project_copy
 
+pytestmark = pytest.mark.slow  # a Prefect run of the whole DAG, compared with `dvc repro`'s
 STAGES = ["demo_source", "ingest", "encode_text", "encode_image", "split", "train", "evaluate"]
 
 

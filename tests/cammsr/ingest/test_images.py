@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -79,11 +80,14 @@ def test_statuses_layout_and_reuse(httpserver: HTTPServer, tmp_path: Path) -> No
 
     pq.write_table(table, cat / "images.parquet")
     requests_before = len(httpserver.log)
+    stored = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (cat / "images").rglob("*") if p.is_file()}
     again, counts2 = fetch_images(items, cat, cat / "images.parquet", params, root=tmp_path, policy=FAST)
-    assert again.equals(table) and counts2.reused == 2
-    a_requests = [r for r, _ in httpserver.log[requests_before:] if r.path == "/a.png"]
-    assert a_requests == []  # the ok image was not fetched again; failures were retried
-    assert len(httpserver.log) > requests_before
+    assert again.equals(table) and (counts2.ok, counts2.reused) == (2, 2)
+    # the two ok images were neither fetched nor rewritten; every other URL was asked again, 503s with retries
+    retried = Counter(r.path for r, _ in httpserver.log[requests_before:])
+    assert retried == {"/corrupt.jpg": 1, "/text.jpg": 1, "/gone.jpg": 1, "/big.png": 1, "/down.jpg": 3}
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in stored} == stored
+    assert counts2.bytes_downloaded == len(jpg) // 2 + len(b"<html>not an image</html>")
 
     (cat / rows["A"]["path"]).write_bytes(b"tampered")  # sha256 no longer matches: fetched again
     third, counts3 = fetch_images(items, cat, cat / "images.parquet", params, root=tmp_path, policy=FAST)

@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 import yaml
 
@@ -21,6 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # torchrun with two processes
 def test_ddp_two_processes_match_one(tiny_catalog, tmp_path):
     import shutil
 

@@ -1,5 +1,8 @@
+import pytest
+
 from cammsr.core.config import Params, SplitParams
 from cammsr.data.splits import run_split
+from cammsr.train import experiments
 from cammsr.train.experiments import METRICS, RunResult, comparison_table, run_experiments
 
 
@@ -15,7 +18,7 @@ def test_table_mean_std_and_relative_difference():
     assert "0.2100 ± 0.0141" in rows["SASRec"] and "-40.0%" in rows["SASRec"]
 
 
-def test_run_experiments_smoke(tiny_catalog, tmp_path):
+def test_run_experiments_smoke(tiny_catalog, tmp_path, monkeypatch):
     run_split("tiny", SplitParams(), tiny_catalog)
     params = Params.model_validate({
         "catalogs": {"tiny": {"reviews": "file:unused"}},
@@ -26,5 +29,20 @@ def test_run_experiments_smoke(tiny_catalog, tmp_path):
     text = run_experiments("tiny", params, tiny_catalog, [0], ["CAMMSR", "SASRec"], out, overrides={"epochs": 1})
     assert out.read_text() == text
     assert "| CAMMSR | 1 |" in text and "| SASRec | 1 |" in text and "--epochs 1" in text
-    # a second call reuses the finished runs
-    assert run_experiments("tiny", params, tiny_catalog, [0], ["SASRec"], out, overrides={"epochs": 1})
+    runs = sorted(p.parent for p in (tiny_catalog.root / "experiments").glob("*/seed0-*/metrics.json"))
+    assert [p.parent.name for p in runs] == ["cammsr", "sasrec"]
+    mtimes = {p: p.stat().st_mtime_ns for run in runs for p in run.rglob("*") if p.is_file()}
+
+    # a second call reuses the finished runs: nothing is trained or evaluated, no run file is rewritten
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(experiments, "run_train", no_training)
+    monkeypatch.setattr(experiments, "run_evaluate", no_training)
+    again = run_experiments("tiny", params, tiny_catalog, [0], ["SASRec"], out, overrides={"epochs": 1})
+    row = next(line for line in text.splitlines() if line.startswith("| SASRec |"))
+    assert row.rsplit(" | ", 1)[0] in again  # the same metrics, epoch time and epochs, read back from the run
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    # a changed setting is another run, not a stale reuse
+    with pytest.raises(AssertionError, match="trained again"):
+        run_experiments("tiny", params, tiny_catalog, [0], ["SASRec"], out, overrides={"epochs": 2})
