@@ -56,7 +56,9 @@ def params_dict(catalogs: dict[str, dict[str, Any]] | None = None,
     if "catalogs" in overrides:
         raise ValueError("pass catalogs as `catalogs`, not in overrides (they would be merged, not replaced)")
     catalogs = {"demo": demo_catalog()} if catalogs is None else catalogs
-    raw = merge(Params(catalogs=catalogs).model_dump(mode="json"), overrides)
+    dumped = Params(catalogs=catalogs).model_dump(mode="json")
+    dumped["catalogs"] = copy.deepcopy(catalogs)  # as the test wrote them, like a user's params.yaml
+    raw = merge(dumped, overrides)
     Params.model_validate(raw)
     return raw
 

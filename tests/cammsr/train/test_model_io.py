@@ -74,7 +74,7 @@ def _marked(n_items: int) -> np.ndarray:
 @pytest.mark.parametrize(("fraction", "chosen"), [(0.25, 10), (0.2, 8), (0.01, 0), (1.0, 40)])
 def test_the_fraction_of_items_relabelled_and_the_padding_row_untouched(fraction, chosen):
     cats = _marked(40)
-    out = noisy_categories(cats, fraction, num_categories=3, seed=0)
+    out = noisy_categories(cats, fraction, num_categories=3, seed=0)[0]
     changed = out[1:] != OUT_OF_RANGE
     assert changed.sum() == chosen  # round(fraction * 40) items, 0.01 * 40 = 0.4 rounds to none
     assert set(out[1:][changed].tolist()) <= {0, 1, 2}
@@ -83,8 +83,8 @@ def test_the_fraction_of_items_relabelled_and_the_padding_row_untouched(fraction
 
 def test_noise_is_seeded():
     cats = _marked(200)
-    a, b = noisy_categories(cats, 0.2, 4, seed=1), noisy_categories(cats, 0.2, 4, seed=1)
-    c = noisy_categories(cats, 0.2, 4, seed=2)
+    a, b = noisy_categories(cats, 0.2, 4, seed=1)[0], noisy_categories(cats, 0.2, 4, seed=1)[0]
+    c = noisy_categories(cats, 0.2, 4, seed=2)[0]
     np.testing.assert_array_equal(a, b)
     assert set(np.flatnonzero(a != OUT_OF_RANGE)) != set(np.flatnonzero(c != OUT_OF_RANGE))
 
@@ -92,15 +92,26 @@ def test_noise_is_seeded():
 def test_real_labels_change_about_one_minus_one_over_c_of_the_chosen():
     rng = np.random.default_rng(0)
     cats = np.concatenate([[-1], rng.integers(0, 4, 4000)])
-    out = noisy_categories(cats, 0.5, 4, seed=0)
+    out = noisy_categories(cats, 0.5, 4, seed=0)[0]
     # 2000 chosen, each keeps its label with probability 1/4: about 1500 change (sd ~19)
     assert 1400 < (out[1:] != cats[1:]).sum() < 1600
     assert out[0] == -1
 
 
+def test_the_same_items_get_the_path_of_a_random_item():
+    cats = _marked(50)
+    paths = np.stack([np.full(3, -1)] + [np.array([0, i, 100 + i]) for i in range(1, 51)])
+    labels, noisy = noisy_categories(cats, 0.2, 3, seed=0, item_paths=paths)
+    assert np.array_equal(labels, noisy_categories(cats, 0.2, 3, seed=0)[0])  # labels as without paths
+    moved = np.flatnonzero((noisy != paths).any(axis=1))
+    assert set(moved) <= set(np.flatnonzero(labels != OUT_OF_RANGE))  # only relabelled items move
+    assert all(any((noisy[i] == paths[j]).all() for j in range(1, 51)) for i in moved)  # a real item's path
+    assert (noisy[0] == -1).all() and len(moved) >= 8  # 10 chosen; a draw of its own path is rare
+
+
 def test_no_noise_without_a_fraction_or_a_second_category():
     cats = _marked(10)
-    for out in (noisy_categories(cats, 0.0, 3, 0), noisy_categories(cats, 0.5, 1, 0)):
+    for out in (noisy_categories(cats, 0.0, 3, 0)[0], noisy_categories(cats, 0.5, 1, 0)[0]):
         np.testing.assert_array_equal(out, cats)
         assert out is not cats  # always a copy: the caller may write to it
 
@@ -156,8 +167,8 @@ def test_checkpoint_round_trip_gives_the_same_scores(catalog, tmp_path):
     assert torch.equal(loaded.item_category, model.item_category)
     assert (model.item_category.numpy() != split.item_category).sum() > 0
     for m in ("text", "image"):  # features re-read from the stores, normalised as in training
-        assert torch.equal(getattr(loaded, f"{m}_feats"), getattr(model, f"{m}_feats"))
-        assert torch.equal(getattr(loaded, f"{m}_present"), getattr(model, f"{m}_present"))
+        assert torch.equal(loaded.frozen[m].features, model.frozen[m].features)
+        assert torch.equal(loaded.frozen[m].present, model.frozen[m].present)
 
     other = build_model(TRAIN, SplitParams(), split, paths, seed=0)
     _randomise(other, 1)
