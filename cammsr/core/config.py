@@ -74,6 +74,7 @@ class DemoParams(Section):
     mean_length: float = Field(default=12.0, gt=3)
     image_size: int = Field(default=64, ge=16)
     popularity_exponent: float = Field(default=2.0, ge=0)
+    late_item_share: float = Field(default=0.0, ge=0, lt=1)
     seed: int = 7
 
 
