@@ -228,9 +228,9 @@ def encode_image(
     if precomputed is not None:
         return import_from_raw(name, "image", precomputed, paths)
     started = time.perf_counter()
-    item_ids = read_columns(paths.items, ["item_id"])["item_id"]
-    _check_unique(item_ids, paths.items)
     table = read_columns(paths.images_table, ["item_id", "path", "sha256", "status"])
+    item_ids = table["item_id"]  # every item of the catalog, with the status of its image
+    _check_unique(item_ids, paths.images_table)
     image_of = {
         item: (path, sha)
         for item, path, sha, status in zip(

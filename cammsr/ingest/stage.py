@@ -16,7 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-from cammsr.core.atomic import atomic_path, write_parquet_atomic
+from cammsr.core.atomic import atomic_path, write_json_atomic, write_parquet_atomic
 from cammsr.core.config import CatalogParams, IngestParams
 from cammsr.core.paths import CatalogPaths
 from cammsr.core.summary import StageSummary
@@ -65,6 +65,7 @@ def run_ingest(
     fetched = download_sources(catalog.source_urls(), paths.raw_dir, paths.manifest, policy=policy,
                                concurrency=params.concurrency, root=root)
     reviews_file, meta_file = fetched[0], (fetched[1] if catalog.meta else None)
+    write_json_atomic(paths.precomputed_sources, precomputed_record(catalog, fetched))
     notes: list[str] = []
 
     # Interactions stream straight to disk; the file replaces the old one only once every check passed.
@@ -131,6 +132,21 @@ def run_ingest(
     )
     summary.write(paths.summary("ingest"))
     return summary
+
+
+def precomputed_record(catalog: CatalogParams, fetched: list[FetchResult]) -> dict[str, dict | None]:
+    """``{modality: {file, sha256, index, index_sha256, format, provenance} or None}``: the precomputed
+    feature files and their content hashes, so an encode stage reruns when, and only when, its own file
+    (not the reviews or metadata) changed."""
+    sha = {f.entry.url: f.entry.sha256 for f in fetched}
+    out: dict[str, dict | None] = {}
+    for modality in ("text", "image"):
+        source = catalog.precomputed(modality)
+        out[modality] = None if source is None else {
+            "file": source.file, "sha256": sha[source.file], "index": source.index,
+            "index_sha256": sha.get(source.index) if source.index else None, "format": source.format,
+            "provenance": source.provenance}
+    return out
 
 
 def _label(result: FetchResult, paths: CatalogPaths) -> str:
