@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from cammsr.core.atomic import atomic_path
+from cammsr.core.atomic import atomic_path, write_json_atomic
 from cammsr.core.config import Params, TrainParams
 from cammsr.core.paths import CatalogPaths
 from cammsr.evaluate.stage import run_evaluate
@@ -77,6 +77,8 @@ def run_variant(name: str, variant: str, seed: int, params: Params, paths: Catal
     if not run_paths.metrics.exists():
         run_train(name, train, params.splits, params.evaluate, project, run_paths)
         run_evaluate(name, params.splits, params.evaluate, project, run_paths)
+        write_json_atomic(run_paths.out_root / "run.json", {"variant": variant, "seed": seed,
+                                                            "train": train.model_dump(mode="json")})
     metrics = json.loads(run_paths.metrics.read_text())
     tsum = json.loads(run_paths.summary("train").read_text())["counts"]
     model = metrics["model"]
