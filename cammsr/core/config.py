@@ -94,6 +94,7 @@ class TextFeatureParams(Section):
     pooling: Literal["cls", "mean"] = "mean"
     max_length: int = Field(default=128, ge=8)
     template: str = "{title}. {brand}. {categories}. {description}"
+    require_any: list[Literal["title", "brand", "categories", "description", "category"]] = ["title", "description"]
     batch_size: int = Field(default=64, ge=1)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
