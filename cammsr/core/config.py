@@ -153,6 +153,7 @@ class TrainParams(Section):
     weight_mode: Literal["confidence", "learned"] = "confidence"
     weight_temperature: float = Field(default=1.0, gt=0)
     score_scale: Literal["none", "learned"] = "none"
+    score_refined: bool = False
     shared_encoder: bool = True
     category_loss: Literal["ce", "bce"] = "ce"
     lambda_cat: float = Field(default=0.1, ge=0)
