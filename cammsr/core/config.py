@@ -154,6 +154,7 @@ class TrainParams(Section):
     weight_temperature: float = Field(default=1.0, gt=0)
     score_scale: Literal["none", "learned"] = "none"
     score_refined: bool = False
+    feature_init: Literal["normal", "pca"] = "normal"
     shared_encoder: bool = True
     category_loss: Literal["ce", "bce"] = "ce"
     lambda_cat: float = Field(default=0.1, ge=0)

@@ -37,6 +37,7 @@ CHOICES = {  # ModelConfig fields that take one of a few names
     "weight_mode": ("confidence", "learned"),
     "feature_norm": ("none", "center_l2"),
     "score_scale": ("none", "learned"),
+    "feature_init": ("normal", "pca"),
     "category_loss": ("ce", "bce"),
 }
 
@@ -71,6 +72,7 @@ class ModelConfig:
     weight_temperature: float = 1.0  # "confidence" weights: softmax_m(log p_m / T); T < 1 sharpens them
     score_scale: str = "none"  # "learned": a trained scale per modality on its score term
     score_refined: bool = False  # score against the CAMoE-refined item tables ē_m instead of e_m
+    feature_init: str = "normal"  # "pca": feature projections start as the features' top-d principal directions
     shared_encoder: bool = True  # False: one Transformer per modality (HM4SR-style)
     category_loss: str = "ce"  # "ce": single label; "bce": multi-hot over the item's category path tokens
     num_path_tokens: int = 0  # T, category path tokens (for "bce")
@@ -265,6 +267,9 @@ class CAMMSR(nn.Module):
         if cfg.score_scale == "learned":
             self.log_score_scale = nn.Parameter(torch.zeros(M))  # [M], exp() = 1 at the start
         self.apply(self._init)
+        if cfg.feature_init == "pca":  # after the random init, which it overwrites without drawing
+            for m in feature_mods:
+                self._pca_init(self.feature_proj[m], self.frozen[m].features[self.frozen[m].present])
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -272,6 +277,22 @@ class CAMMSR(nn.Module):
             nn.init.normal_(module.weight, std=0.02)  # N(0, 0.02) as in SASRec/RecBole
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    @staticmethod
+    @torch.no_grad()
+    def _pca_init(proj: nn.Linear, feats: torch.Tensor) -> None:
+        """Start ``proj`` (D_m -> d) as the projection on the top principal directions of ``feats`` [n, D_m].
+
+        The frozen features' own similarity (consecutive items are far more alike than random pairs) is
+        then in the item tables from the first step, instead of being relearned through a random projection.
+        """
+        d = proj.out_features
+        if len(feats) < 2:
+            return
+        _, _, vh = torch.linalg.svd(feats - feats.mean(0), full_matrices=False)  # vh: [min(n, D_m), D_m]
+        k = min(d, vh.shape[0])
+        proj.weight[:k] = vh[:k]  # orthonormal rows; rows beyond the features' rank keep their random init
+        proj.bias.zero_()
 
     # ---- 1. item representations ---------------------------------------------------------------
     def item_table(self, m: str, idx: torch.Tensor | None = None) -> torch.Tensor:
