@@ -73,6 +73,7 @@ class ModelConfig:
     score_scale: str = "none"  # "learned": a trained scale per modality on its score term
     score_refined: bool = False  # score against the CAMoE-refined item tables ē_m instead of e_m
     feature_init: str = "normal"  # "pca": feature projections start as the features' top-d principal directions
+    modality_dropout: float = 0.0  # training: chance a modality's score term is left out for a sequence
     shared_encoder: bool = True  # False: one Transformer per modality (HM4SR-style)
     category_loss: str = "ce"  # "ce": single label; "bce": multi-hot over the item's category path tokens
     num_path_tokens: int = 0  # T, category path tokens (for "bce")
@@ -84,6 +85,9 @@ class ModelConfig:
         for key in ("num_items", "num_categories", "hidden_size", "num_layers", "num_heads", "max_seq_len"):
             if getattr(self, key) < 1:
                 raise ValueError(f"ModelConfig.{key}: expected a positive int, found {getattr(self, key)!r}")
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ValueError(f"ModelConfig.modality_dropout: expected a value in [0, 1), "
+                             f"found {self.modality_dropout!r}")
         if self.weight_temperature <= 0:
             raise ValueError(f"ModelConfig.weight_temperature: expected > 0, found {self.weight_temperature!r}")
         if self.category_loss == "bce" and self.category_guidance and self.num_experts > 0 \
@@ -483,7 +487,7 @@ class CAMMSR(nn.Module):
         check_targets(targets, seq)
         out = self.encode_views(seq)
         pos = targets > 0  # [B, L]
-        z = out.z[:, pos]  # [M, P, d]
+        z = self.drop_modalities(out.z)[:, pos]  # [M, P, d]
         h = z.permute(1, 0, 2).flatten(1)  # [P, M*d]
         # CE over the real items only (table rows 1..N, targets shifted by one): the same loss as
         # `scores` with the padding column at -inf, computed a block of targets at a time so that the
@@ -508,6 +512,19 @@ class CAMMSR(nn.Module):
             loss = loss + self.cfg.lambda_cl * loss_cl
             parts["cl"] = loss_cl.detach()
         return loss, {k: float(v) for k, v in parts.items()}
+
+    def drop_modalities(self, z: torch.Tensor) -> torch.Tensor:
+        """Modality dropout for the next-item loss: z [M, B, L, d] with each modality's output zeroed for a
+        sequence with probability ``modality_dropout`` (never all of a sequence's), so its score term is left
+        out and the others must rank the target without it: no modality can let the rest coast.
+        """
+        M, B = z.shape[:2]
+        if not self.training or self.cfg.modality_dropout <= 0 or M < 2:
+            return z
+        keep = torch.rand(M, B, device=z.device) >= self.cfg.modality_dropout  # [M, B]
+        none = ~keep.any(0)  # [B] sequences that lost every modality keep a random one
+        keep[torch.randint(M, (B,), device=z.device), torch.arange(B, device=z.device)] |= none
+        return z * keep[:, :, None, None].to(z.dtype)
 
     def category_loss(self, logits: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """L_cat of the real items ``items`` [U'] from every modality's logits [M, U', C or T].
