@@ -38,6 +38,7 @@ CHOICES = {  # ModelConfig fields that take one of a few names
     "feature_norm": ("none", "center_l2"),
     "score_scale": ("none", "learned"),
     "feature_init": ("normal", "pca"),
+    "content_table": ("learned", "frozen"),
     "category_loss": ("ce", "bce"),
 }
 
@@ -74,6 +75,7 @@ class ModelConfig:
     score_refined: bool = False  # score against the CAMoE-refined item tables ē_m instead of e_m
     feature_init: str = "normal"  # "pca": feature projections start as the features' top-d principal directions
     modality_dropout: float = 0.0  # training: chance a modality's score term is left out for a sequence
+    content_table: str = "learned"  # "frozen": text/image items are scored on a fixed projection of their features
     shared_encoder: bool = True  # False: one Transformer per modality (HM4SR-style)
     category_loss: str = "ce"  # "ce": single label; "bce": multi-hot over the item's category path tokens
     num_path_tokens: int = 0  # T, category path tokens (for "bce")
@@ -274,6 +276,11 @@ class CAMMSR(nn.Module):
         if cfg.feature_init == "pca":  # after the random init, which it overwrites without drawing
             for m in feature_mods:
                 self._pca_init(self.feature_proj[m], self.frozen[m].features[self.frozen[m].present])
+        if cfg.content_table == "frozen":  # the scored side of text/image: fixed, saved with the weights
+            for m in feature_mods:
+                basis = torch.zeros(d, given[m][2])  # [d, D_m]
+                self._pca_basis(basis, self.frozen[m].features[self.frozen[m].present])
+                self.frozen[m].register_buffer("score_basis", basis)
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -284,18 +291,24 @@ class CAMMSR(nn.Module):
 
     @staticmethod
     @torch.no_grad()
+    def _pca_basis(out: torch.Tensor, feats: torch.Tensor) -> None:
+        """Write into ``out`` [d, D_m] the top principal directions of ``feats`` [n, D_m] (orthonormal rows;
+        rows beyond the features' rank stay as they are)."""
+        if len(feats) < 2:
+            return
+        _, _, vh = torch.linalg.svd(feats - feats.mean(0), full_matrices=False)  # [min(n, D_m), D_m]
+        k = min(out.shape[0], vh.shape[0])
+        out[:k] = vh[:k]
+
+    @staticmethod
+    @torch.no_grad()
     def _pca_init(proj: nn.Linear, feats: torch.Tensor) -> None:
         """Start ``proj`` (D_m -> d) as the projection on the top principal directions of ``feats`` [n, D_m].
 
         The frozen features' own similarity (consecutive items are far more alike than random pairs) is
         then in the item tables from the first step, instead of being relearned through a random projection.
         """
-        d = proj.out_features
-        if len(feats) < 2:
-            return
-        _, _, vh = torch.linalg.svd(feats - feats.mean(0), full_matrices=False)  # vh: [min(n, D_m), D_m]
-        k = min(d, vh.shape[0])
-        proj.weight[:k] = vh[:k]  # orthonormal rows; rows beyond the features' rank keep their random init
+        CAMMSR._pca_basis(proj.weight, feats)  # rows beyond the features' rank keep their random init
         proj.bias.zero_()
 
     # ---- 1. item representations ---------------------------------------------------------------
@@ -308,6 +321,17 @@ class CAMMSR(nn.Module):
             feats, present = feats[idx], present[idx]  # [..., D_m], [...]
         e = self.feature_proj[m](feats)  # [..., d]
         return torch.where(present[..., None], e, self.missing[m])  # [..., d]
+
+    def frozen_table(self, m: str) -> torch.Tensor:
+        """The scored table of feature modality ``m`` with ``content_table="frozen"``: [N+1, d].
+
+        The features on their top-d principal directions, fixed, so training cannot raise or lower an item
+        by its identity (popular items by how often they were targets): a text or image score says only how
+        alike the item's content is to what the sequence asks for. Items without the modality get the
+        learned missing vector.
+        """
+        f = self.frozen[m]
+        return torch.where(f.present[:, None], f.features @ f.score_basis.T, self.missing[m])  # [N+1, d]
 
     # ---- 2. CAMoE and the category-guided modality weights -------------------------------------
     def camoe(self, items: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
@@ -442,6 +466,8 @@ class CAMMSR(nn.Module):
             tables = [refined[m] for m in self.mods]  # M x [N+1, d]
         else:
             tables = [self.item_table(m) for m in self.mods]  # M x [N+1, d]
+        if self.cfg.content_table == "frozen":  # text/image: the features on their fixed principal directions
+            tables = [self.frozen_table(m) if m in self.frozen else t for m, t in zip(self.mods, tables, strict=True)]
         if self.cfg.score_scale == "learned":  # scaling the table scales that modality's score term
             scale = self.log_score_scale.exp()  # [M]
             tables = [t * scale[j] for j, t in enumerate(tables)]

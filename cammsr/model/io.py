@@ -40,7 +40,7 @@ def config_from_params(train: TrainParams, split: SplitData, split_params: Split
         norm=train.norm, dyt_scope=train.dyt_scope, dyt_alpha_init=train.dyt_alpha_init,
         weight_temperature=train.weight_temperature, score_scale=train.score_scale,
         score_refined=train.score_refined, feature_init=train.feature_init,
-        modality_dropout=train.modality_dropout,
+        modality_dropout=train.modality_dropout, content_table=train.content_table,
         shared_encoder=train.shared_encoder, category_loss=train.category_loss,
         num_path_tokens=len(split.path_tokens or []),
     )

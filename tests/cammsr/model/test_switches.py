@@ -138,3 +138,17 @@ def test_pca_init_keeps_the_features_similarity_in_the_item_tables():
     normal = CAMMSR(cfg.__class__(**{**cfg.to_dict(), "feature_init": "normal"}),
                     torch.cat([torch.tensor([-1]), torch.arange(N) % C]), feats, present)
     assert torch.equal(normal.id_emb.weight, model.id_emb.weight)  # no extra random draw
+
+
+def test_frozen_content_table_scores_items_by_their_fixed_feature_projection():
+    model = make(content_table="frozen")
+    basis = model.frozen["text"].score_basis  # [d, D_T]
+    assert torch.allclose(basis @ basis.T, torch.eye(D), atol=1e-5)  # orthonormal principal directions
+    table = model.score_table()  # [N+1, M*d]: id | text | image
+    feats = model.frozen["text"].features
+    assert torch.allclose(table[1:, D:2 * D], feats[1:] @ basis.T, atol=1e-6)
+    seq, tgt = torch.tensor([[1, 2, 3, 0]]), torch.tensor([[2, 3, 4, 0]])
+    loss, _ = model(seq, tgt)
+    loss.backward()
+    assert basis.grad is None and not basis.requires_grad  # not trained
+    assert "frozen.text.score_basis" in model.state_dict()  # saved: the trained queries depend on it
