@@ -142,8 +142,9 @@ def test_pca_init_keeps_the_features_similarity_in_the_item_tables():
 
 def test_frozen_content_table_scores_items_by_their_fixed_feature_projection():
     model = make(content_table="frozen")
-    basis = model.frozen["text"].score_basis  # [d, D_T]
-    assert torch.allclose(basis @ basis.T, torch.eye(D), atol=1e-5)  # orthonormal principal directions
+    basis = model.frozen["text"].score_basis  # [d, D_T]; D_T = 6 < d = 8: two rows stay zero
+    assert torch.allclose(basis[:DT] @ basis[:DT].T, torch.eye(DT), atol=1e-5)  # orthonormal principal directions
+    assert not basis[DT:].any()
     table = model.score_table()  # [N+1, M*d]: id | text | image
     feats = model.frozen["text"].features
     assert torch.allclose(table[1:, D:2 * D], feats[1:] @ basis.T, atol=1e-6)
