@@ -270,7 +270,11 @@ def _now() -> str:
 
 
 class _Part:
-    """A ``.part`` file and the sha256 of what it holds, kept in step while streaming."""
+    """A ``.part`` file and the sha256 of what it holds, kept in step while streaming.
+
+    Beside it, ``<name>.part.validator`` records the version it is a prefix of: the server's ETag or
+    Last-Modified and the total size it announced, so a resume is checked against both.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -279,25 +283,34 @@ class _Part:
         self.size = 0
         self.transferred = 0  # bytes received in this run (restarts included)
         self.validator: str | None = None
+        self.total: int | None = None  # the size the first answer announced
         if path.is_file():  # left by an earlier run: resume from it
             with open(path, "rb") as fh:
                 for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
                     self.hasher.update(chunk)
                     self.size += len(chunk)
             if self.validator_path.is_file():
-                self.validator = self.validator_path.read_text().strip() or None
+                self.validator, self.total = _read_validator(self.validator_path.read_text())
 
-    def reset(self, validator: str | None) -> None:
+    def reset(self, validator: str | None, total: int | None = None) -> None:
         self.path.write_bytes(b"")
-        self.hasher, self.size, self.validator = hashlib.sha256(), 0, validator
-        if validator:
-            self.validator_path.write_text(validator)
+        self.hasher, self.size, self.validator, self.total = hashlib.sha256(), 0, validator, total
+        if validator or total is not None:
+            self.validator_path.write_text(json.dumps({"validator": validator, "total": total}))
         else:
             self.validator_path.unlink(missing_ok=True)
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)
         self.validator_path.unlink(missing_ok=True)
+
+
+def _read_validator(text: str) -> tuple[str | None, int | None]:
+    try:
+        data = json.loads(text)
+        return data.get("validator"), data.get("total")
+    except (ValueError, AttributeError):  # a plain validator, as older runs wrote it
+        return text.strip() or None, None
 
 
 def _check_status(url: str, status: int, headers: httpx.Headers | None = None) -> None:
@@ -342,18 +355,20 @@ def _http_attempt(
             if _content_range_start(resp.headers.get("content-range")) != part.size:
                 part.reset(None)
                 raise TransientError(f"Content-Range {resp.headers.get('content-range')!r} != bytes={part.size}-")
-            if part.validator and validator and validator != part.validator:  # If-Range ignored: another version
-                log.warning("%s: changed on the server since the partial download (%s, now %s); restarting",
-                            url, part.validator, validator)
+            expected = _content_range_total(resp.headers.get("content-range"))
+            changed = (part.validator and validator and validator != part.validator) or (
+                part.total is not None and expected is not None and expected != part.total)
+            if changed:  # If-Range ignored (or no validator to send): these bytes belong to another version
+                log.warning("%s: changed on the server since the partial download (%s, %s bytes; now %s, %s "
+                            "bytes); restarting", url, part.validator, part.total, validator, expected)
                 part.reset(None)
                 raise TransientError("the file changed between attempts; restarting from zero")
-            expected = _content_range_total(resp.headers.get("content-range"))
         else:  # a fresh body (first try, or the server ignored Range)
             if part.size:
                 log.info("%s: server answered %d to a Range request; restarting", url, resp.status_code)
-            part.reset(validator)
             length = resp.headers.get("content-length", "")
             expected = int(length) if length.isdigit() else None
+            part.reset(validator, expected)
         for key, header in (("etag", "etag"), ("last_modified", "last-modified")):
             meta[key] = resp.headers.get(header) or meta.get(key)
         total = resp.headers.get("content-length")
