@@ -27,6 +27,7 @@ import json
 import math
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -215,18 +216,38 @@ def format_from_keys(keys: set[str], kind: Kind, file: str) -> Format:
 
 
 def detect_format(path: Path, kind: Kind, file: str | None = None) -> Format | None:
-    """The format of ``path`` from the keys of its first valid records; None if it holds none."""
-    keys: set[str] = set()
+    """The format of ``path`` from the keys of its first valid records; None if it holds none.
+
+    Each record votes for 2023 or the 2014/2018 family (a stray record cannot flip a whole file); the
+    family's records together tell 2014 from 2018. When no record matches any format, the error is
+    about the keys of all of them (e.g. "this looks like a metadata file").
+    """
+    label = file or str(path)
+    union: set[str] = set()
+    family_keys: dict[bool, set[str]] = {True: set(), False: set()}  # is 2023 -> keys of its voters
+    votes: Counter[bool] = Counter()
     seen = 0
     for _, raw in iter_lines(path, file):
         try:
-            keys |= {str(k) for k in decode_record(raw)}
+            keys = {str(k) for k in decode_record(raw)}
         except Exception:  # any record that does not decode only does not count
             continue
+        union |= keys
         seen += 1
+        try:
+            modern = format_from_keys(keys, kind, label) is Format.AMAZON_2023
+            votes[modern] += 1
+            family_keys[modern] |= keys
+        except FormatError:
+            pass
         if seen >= DETECT_RECORDS:
             break
-    return format_from_keys(keys, kind, file or str(path)) if seen else None
+    if not seen:
+        return None
+    if not votes:
+        return format_from_keys(union, kind, label)  # raises, naming what the records hold
+    modern = votes[True] > votes[False]
+    return format_from_keys(family_keys[modern], kind, label)
 
 
 # ------------------------------------------------------------------------------------ field helpers
