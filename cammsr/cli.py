@@ -36,8 +36,8 @@ class _Cammsr(TyperGroup):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
-            raise
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, typer.Exit, typer.Abort):
+            raise  # exits a command chose itself, and usage errors: click reports them
         except Exception as exc:
             code, line = describe(exc)
             if ctx.params.get("verbose"):

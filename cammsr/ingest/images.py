@@ -7,7 +7,8 @@
 with status ``ok``, ``missing`` (no URL, HTTP 404/410, or no such local file) or ``failed: <reason>``
 (undecodable, too large, too many pixels, network error after the retries, or ``refused: <why>``). A bad
 image never fails the run; a full disk or a permission error does (`StorageError`), since it says
-nothing about the image and every later one would fail the same way.
+nothing about the image and every later one would fail the same way. Once the new table is in place,
+stored files it no longer points at are removed (`remove_unreferenced`): the folder holds exactly its images.
 
 Which URLs are fetched at all (`image_source`): http(s), or a ``file:`` URL / path that resolves (``..``
 and symlinks followed) inside ``local_root``, the folder of the metadata file that named it, and only
@@ -21,10 +22,12 @@ gets a ``missing`` row (`missing_images_table`), so downstream joins see each it
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import io
 import logging
+import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -309,6 +312,29 @@ def rows_to_table(rows: Sequence[ImageRow]) -> pa.Table:
         },
         schema=IMAGES_SCHEMA,
     )
+
+
+_SHARD = re.compile(r"[0-9a-f]{2}")
+_STORED = re.compile(r"[0-9a-f]{64}\.[a-z0-9]{1,5}")
+
+
+def remove_unreferenced(catalog_root: Path, table: pa.Table) -> int:
+    """Delete stored images that ``table`` (the new images.parquet) no longer points at; -> how many.
+
+    Only files of `image_path`'s own layout are touched, so the folder ends up holding exactly the table's
+    images (a URL that changed, or a killed run's extra downloads, leave nothing behind).
+    """
+    images = catalog_root / "images"
+    keep = {p for p in table["path"].to_pylist() if p}
+    removed = 0
+    for shard in (d for d in images.iterdir() if d.is_dir() and _SHARD.fullmatch(d.name)) if images.is_dir() else ():
+        for file in shard.iterdir():
+            if _STORED.fullmatch(file.name) and f"images/{shard.name}/{file.name}" not in keep:
+                file.unlink()
+                removed += 1
+        with contextlib.suppress(OSError):
+            shard.rmdir()  # only when empty
+    return removed
 
 
 def missing_images_table(item_ids: Sequence[str]) -> pa.Table:

@@ -30,7 +30,7 @@ from cammsr.core.paths import CatalogPaths
 from cammsr.core.summary import StageSummary
 from cammsr.ingest.download import FetchResult, RetryPolicy, download_sources, local_path
 from cammsr.ingest.formats import SourceReader, TimestampWindow
-from cammsr.ingest.images import fetch_images, missing_images_table
+from cammsr.ingest.images import fetch_images, missing_images_table, remove_unreferenced
 from cammsr.ingest.normalize import build_items, write_interactions
 from cammsr.ingest.quarantine import Quarantine, check_fraction
 
@@ -136,6 +136,9 @@ def _ingest(name: str, catalog: CatalogParams, params: IngestParams, paths: Cata
             ok, missing, failed, reused, image_bytes = 0, len(item_ids), 0, 0, 0
             notes.append("images: false in the catalog, every item's image is 'missing'")
         pq.write_table(images, staged_images, compression="zstd")
+    removed = remove_unreferenced(paths.root, images)  # after the new table is in place
+    if removed:
+        notes.append(f"{removed} stored images no longer referenced were removed")
     paths.images_dir.mkdir(parents=True, exist_ok=True)  # a declared DVC out, even when no image exists
 
     summary = StageSummary(

@@ -160,3 +160,8 @@ def test_a_catalog_folder_that_leads_outside_the_data_root_is_refused(project, t
     result = cammsr("ingest", "--catalog", "t")
     assert_one_line(result, 2, "outside", str((project / "data").resolve()))
     assert list(outside.iterdir()) == []
+
+
+def test_an_exit_a_command_chooses_is_not_reported_as_an_error(project):
+    result = cammsr("report", "--catalog", "t")  # no metrics yet: `report` exits 1 by itself
+    assert result.exit_code == 1 and "error:" not in result.output

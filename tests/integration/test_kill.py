@@ -31,7 +31,7 @@ from cammsr.core.config import DemoParams
 from demo.generate import META_FILE, REVIEWS_FILE, generate_demo
 from features.store import read_rows
 from tests.integration.conftest import REPO, project_env
-from tests.params_builder import TINY, tiny_params, write_params
+from tests.params_builder import tiny_params, write_params
 
 pytestmark = pytest.mark.slow  # each test starts the CLI three times
 

@@ -98,10 +98,9 @@ def test_inside_a_stage_temp_files_go_to_its_folder_which_the_next_run_clears(tm
     target = tmp_path / "cat" / "images" / "ab" / "x.png"
     with stage_temp_dir(folder):
         assert list(folder.iterdir()) == []  # cleared on entry
-        with stage_temp_dir(folder):  # re-entrant: the runner and the stage may both open it
-            with atomic_path(target) as tmp:
-                assert tmp.parent == folder
-                tmp.write_bytes(b"img")
+        with stage_temp_dir(folder), atomic_path(target) as tmp:  # re-entrant: the runner and the stage both may
+            assert tmp.parent == folder
+            tmp.write_bytes(b"img")
         assert folder.is_dir()
     assert target.read_bytes() == b"img"
     assert not (tmp_path / "cat" / ".tmp").exists()  # removed, the shared .tmp/ too once empty

@@ -63,7 +63,8 @@ def test_image_urls_may_not_read_files_outside_the_metadata_folder(tmp_path):
     (tmp_path / "src" / "images" / "ok.png").write_bytes(png((9, 9, 9)))
     (tmp_path / "src" / "images" / "link.png").symlink_to(tmp_path / "elsewhere" / "x.png")
     items = {"OK": "images/ok.png", "PASSWD": "/etc/passwd", "PASSWD_URL": "file:///etc/passwd",
-             "UP": "../elsewhere/x.png", "UPUP": "../../elsewhere/x.png", "ABS": (tmp_path / "elsewhere/x.png").as_uri(),
+             "UP": "../elsewhere/x.png", "UPUP": "../../elsewhere/x.png",
+             "ABS": (tmp_path / "elsewhere/x.png").as_uri(),
              "LINK": "images/link.png", "FTP": "ftp://127.0.0.1/x.png", "HOST": "file://otherhost/etc/passwd"}
     reviews, meta = write_source(tmp_path / "src", [review("u1", i, T0 + k) for k, i in enumerate(items)],
                                  [{"asin": i, "title": i, "imUrl": url} for i, url in items.items()])
@@ -116,7 +117,7 @@ def test_reviews_dated_outside_the_window_are_quarantined_with_the_reason(tmp_pa
     kept = pq.read_table(paths.interactions)
     assert kept["timestamp"].to_pylist() == [T0, T0 + 1]
     records = [json.loads(x) for x in paths.quarantine.read_text().splitlines()]
-    assert [(r["file"], r["line"]) for r in records] == [(f"raw/{raw_name(reviews)}", 2), (f"raw/{raw_name(reviews)}", 3)]
+    assert [(r["file"], r["line"]) for r in records] == [(f"raw/{raw_name(reviews)}", n) for n in (2, 3)]
     assert records[0]["reason"].startswith(f"unixReviewTime: {T0 * 1000} is after ")
     assert records[0]["reason"].endswith("milliseconds where seconds are expected?")
     assert records[1]["reason"] == "unixReviewTime: 500000000 is before 1995-01-01 (ingest.min_review_date)"
@@ -204,3 +205,30 @@ def test_outputs_get_the_mode_a_plain_write_gives(tmp_path):
     assert {oct(p.stat().st_mode & 0o777) for p in outputs} == {"0o644"}
     leftovers = [p for p in paths.root.rglob("*") if p.name.startswith(".") or p.suffix in (".tmp", ".part")]
     assert leftovers == []
+
+
+def test_onboarding_reports_how_many_reviews_are_out_of_the_window(tmp_path):
+    from cammsr.ops.source_check import check_source
+
+    lines = [review(f"u{k % 5}", f"I{k % 4}", T0 + k) for k in range(40)] + [review("u0", "I1", T0 * 1000)]
+    reviews, _ = write_source(tmp_path / "src", lines, [])
+    report = check_source(reviews, None, tmp_path / "raw", policy=FAST, root=tmp_path, user_core=2,
+                          max_quarantine_fraction=0.05)
+    assert report.out_of_window == 1 and report.reviews.quarantined == 1 and report.interactions == 40
+    assert "  1 reviews dated outside ingest.min_review_date .. now + ingest.max_days_ahead (quarantined)" \
+        in report.lines()
+    assert report.reviews.first_problems[0].startswith(f"line 41: unixReviewTime: {T0 * 1000} is after ")
+
+
+def test_images_no_longer_referenced_are_removed(tmp_path):
+    catalog = _catalog_with_images(tmp_path, 3)
+    paths = CatalogPaths.of("t", tmp_path / "data")
+    run_ingest("t", catalog, IngestParams(), paths, root=tmp_path, policy=FAST)
+    first = {p.name for p in paths.images_dir.rglob("*.png")}
+    meta = tmp_path / "src" / "meta.json"  # item I0 now points at another file
+    meta.write_text(meta.read_text().replace('"images/0.png"', '"images/2.png"'))
+    summary = run_ingest("t", catalog, IngestParams(), paths, root=tmp_path, policy=FAST)
+    stored = {p.relative_to(paths.root).as_posix() for p in paths.images_dir.rglob("*") if p.is_file()}
+    assert stored == {p for p in pq.read_table(paths.images_table)["path"].to_pylist() if p}
+    assert len(stored) == 3 and len(first - {p.rsplit("/", 1)[-1] for p in stored}) == 1
+    assert "1 stored images no longer referenced were removed" in summary.notes

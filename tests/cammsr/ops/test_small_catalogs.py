@@ -94,7 +94,8 @@ def test_undo_takes_out_what_onboarding_added_and_nothing_else(project):
     apply_plan(plan_onboarding("small", url, None, "no", root=project, policy=FAST, min_interactions=3),
                project / "data")
     (project / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
-        "ingest@demo": {"cmd": "cammsr ingest --catalog demo"}, "ingest@small": {"cmd": "cammsr ingest --catalog small"},
+        "ingest@demo": {"cmd": "cammsr ingest --catalog demo"},
+        "ingest@small": {"cmd": "cammsr ingest --catalog small"},
         "split@small": {"cmd": "cammsr split --catalog small"}}}))
     (project / "data" / "small" / "interactions.parquet").write_bytes(b"x")
 

@@ -156,8 +156,9 @@ def test_malformed_lines_are_counted_and_shown_up_to_the_ceiling(tmp_path):
     report = check(tmp_path, reviews, meta, max_quarantine_fraction=0.3)  # 2 of 8 = 25%
     assert (report.reviews.records, report.reviews.quarantined, report.interactions) == (8, 2, 6)
     assert report.reviews.first_problems[0].startswith("line 3: neither JSON nor a Python literal")
-    assert report.reviews.first_problems[1] == "line 4: expected an object, found a JSON array: expected JSON Lines, one object per line"
-    assert "  malformed: line 4: expected an object, found a JSON array: expected JSON Lines, one object per line" in report.lines()
+    array = "expected an object, found a JSON array: expected JSON Lines, one object per line"
+    assert report.reviews.first_problems[1] == f"line 4: {array}"
+    assert f"  malformed: line 4: {array}" in report.lines()
     with pytest.raises(SourceError) as err:
         check(tmp_path, reviews, meta, max_quarantine_fraction=0.2)
     assert str(err.value).startswith(f"{reviews}: 2 of 8 records malformed (25.00%), more than "
