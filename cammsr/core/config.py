@@ -98,10 +98,23 @@ class IngestParams(Section):
     max_image_bytes: int = Field(default=20_000_000, gt=0)
     max_image_pixels: int = Field(default=40_000_000, gt=0)
     category_level: int = Field(default=1, ge=0, description="index into categories[0] used as the label")
-    min_review_date: date = Field(default=date(1995, 1, 1), strict=False,
-                                  description="reviews dated before this day are quarantined")
+    min_review_date: str = Field(default="1995-01-01", description="reviews dated before this day "
+                                 "(YYYY-MM-DD, UTC) are quarantined")
     max_days_ahead: float = Field(default=1.0, ge=0, description="reviews dated more than this many days "
                                   "after the ingest are quarantined (e.g. milliseconds read as seconds)")
+
+
+    @field_validator("min_review_date", mode="before")
+    @classmethod
+    def _iso_day(cls, value: object) -> object:
+        if isinstance(value, date):  # YAML reads an unquoted 1995-01-01 as a date
+            return value.isoformat()
+        if isinstance(value, str):
+            try:
+                date.fromisoformat(value)
+            except ValueError as exc:
+                raise ValueError(f"expected a day as YYYY-MM-DD, found {value!r}") from exc
+        return value
 
 
 class TextFeatureParams(Section):

@@ -101,9 +101,11 @@ class TimestampWindow:
     last: int
 
     @classmethod
-    def from_params(cls, min_date: date = date(1995, 1, 1), max_days_ahead: float = 1.0,
+    def from_params(cls, min_date: date | str = "1995-01-01", max_days_ahead: float = 1.0,
                     now: float | None = None) -> TimestampWindow:
-        first = int(datetime(min_date.year, min_date.month, min_date.day, tzinfo=UTC).timestamp())
+        """From ``ingest.min_review_date`` (a day, UTC) and ``ingest.max_days_ahead``."""
+        day = date.fromisoformat(min_date) if isinstance(min_date, str) else min_date
+        first = int(datetime(day.year, day.month, day.day, tzinfo=UTC).timestamp())
         return cls(first, int((time.time() if now is None else now) + max_days_ahead * 86400))
 
     def check(self, timestamp: int, name: str) -> None:

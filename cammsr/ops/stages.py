@@ -17,6 +17,7 @@ Every run of a registered stage goes through `guarded`, so every stage, present 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +79,9 @@ def guarded(spec: StageSpec, ctx: StageContext, project: Project, params: Params
             ) -> Iterator[None]:
     """Around one run of a stage: outputs checked under the data root, their lock held, the temp folder set.
 
+    In a distributed job (torchrun: ``RANK`` set) rank 0 holds the lock and the temp folder for the whole
+    job: the other ranks write no outputs, and waiting on rank 0's lock would deadlock its rendezvous.
+
     Raises:
         UnsafePathError: an output would land outside the data root.
         LockBusy: ``wait`` is False and another run holds the lock.
@@ -86,6 +90,9 @@ def guarded(spec: StageSpec, ctx: StageContext, project: Project, params: Params
     if spec.per_catalog:  # the others write fixed project paths declared in the registry
         for out in registry.stage_outputs(spec, ctx.paths):
             check_inside(out if out.is_absolute() else project.root / out, data_root, f"{spec.name} output")
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
     target = spec.target(ctx.catalog)
     what = f"{spec.name} of catalog {ctx.catalog}" if spec.per_catalog else spec.name
     temp = ctx.paths.tmp_dir(spec.name) if spec.per_catalog else data_root / ".tmp" / spec.name

@@ -9,7 +9,6 @@ import hashlib
 import io
 import json
 import os
-from datetime import date
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -124,7 +123,7 @@ def test_reviews_dated_outside_the_window_are_quarantined_with_the_reason(tmp_pa
     assert summary.counts["out_of_window"] == 2 and summary.counts["interactions"] == 2
 
     # the window is a param: an older catalog can widen it
-    wide = IngestParams(max_quarantine_fraction=0.5, min_review_date=date(1980, 1, 1))
+    wide = IngestParams(max_quarantine_fraction=0.5, min_review_date="1980-01-01")
     again = run_ingest("t", CatalogParams(reviews=reviews, images=False), wide, paths, root=tmp_path, policy=FAST)
     assert again.counts["out_of_window"] == 1 and again.counts["interactions"] == 3
 
