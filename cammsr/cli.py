@@ -128,19 +128,23 @@ def experiments(
     = None,
     out: Annotated[Path | None, typer.Option(help="markdown report (default reports/NAME-experiments.md)")] = None,
     epochs: Annotated[int | None, typer.Option(help="override train.epochs for every run")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override a train param for every run, "
+                                                   "e.g. --set lr=0.002 (repeatable)")] = None,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
     """Run the paper's study (CAMMSR, SASRec, ablations, category noise) over seeds; write a markdown table."""
-    from cammsr.train.experiments import VARIANTS, run_experiments
+    from cammsr.train.experiments import VARIANTS, run_experiments, train_overrides
 
     p = _load(params_path)
     paths = _paths(p, catalog)
     if not (paths.splits_dir / "sequences.parquet").exists():
         console.print(f"[red]{paths.splits_dir} has no split: run `dvc repro train@{catalog}` first")
         raise typer.Exit(2)
+    overrides = train_overrides(set_ or [], p.train)
+    if epochs:
+        overrides["epochs"] = epochs
     text = run_experiments(catalog, p, paths, [int(s) for s in seeds.split(",")], variant or list(VARIANTS),
-                           out or Path("reports") / f"{catalog}-experiments.md",
-                           overrides={"epochs": epochs} if epochs else None)
+                           out or Path("reports") / f"{catalog}-experiments.md", overrides=overrides or None)
     console.print(text, markup=False)
 
 

@@ -72,13 +72,16 @@ class DemoSummary:
     corrupt_image_item: str
     same_group_fraction: float  # consecutive pairs of a user sharing category and style
     same_group_chance: float  # the same fraction if items were drawn by popularity alone
+    late_items: int = 0  # launched late: reviewed only as a user's last or second-to-last item
+    late_test_targets: int = 0  # users whose last review is of a late item
     seconds: float = 0.0
 
     def line(self) -> str:
         return (
             f"demo: users={self.n_users} items={self.n_items} reviews={self.n_reviews} "
             f"lines={self.n_review_lines} images={self.n_images} same_group={self.same_group_fraction:.3f} "
-            f"(chance {self.same_group_chance:.3f}) -> {self.out_dir} ({self.seconds:.1f} s)"
+            f"(chance {self.same_group_chance:.3f}) late_items={self.late_items} "
+            f"late_test_targets={self.late_test_targets} -> {self.out_dir} ({self.seconds:.1f} s)"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,7 +171,8 @@ def _write_catalog(out: Path, params: DemoParams, image_base_url: str | None) ->
     """Generate everything into ``out`` (an empty folder); see `generate_demo`."""
     seeds = np.random.SeedSequence(params.seed).spawn(5)  # one stream per concern: edits stay local
     rng_items, rng_users, rng_text, rng_images, rng_defects = (np.random.default_rng(s) for s in seeds)
-    items = make_items(rng_items, params.n_items, params.n_categories, params.popularity_exponent)
+    items = make_items(rng_items, params.n_items, params.n_categories, params.popularity_exponent,
+                       params.late_item_share)
     users = make_users(rng_users, items, params.n_users, params.n_categories, params.mean_length)
     no_meta, no_image, corrupt = _pick_defect_items(rng_defects, items, users)
 
@@ -217,6 +221,8 @@ def _write_catalog(out: Path, params: DemoParams, image_base_url: str | None) ->
         corrupt_image_item=items[corrupt].asin,
         same_group_fraction=round(same, 4),
         same_group_chance=round(chance, 4),
+        late_items=sum(it.late for it in items),
+        late_test_targets=sum(items[u.events[-1][0]].late for u in users),
         **positions,
     )
     record = {k: v for k, v in summary.to_dict().items() if k not in ("out_dir", "seconds")}

@@ -6,6 +6,10 @@ jump (to the user's own taste or to the popular items). Within every draw items 
 Zipf-like popularity, so many items are rare: their ID embeddings see few updates while their text
 and image still say which group they belong to. That is the signal a multimodal model can use and
 an ID-only one cannot, and any sequential model beats most-popular.
+
+The long-tail regime (``late_share`` > 0) adds items launched late: they appear only at a user's last
+two reviews (the valid and test positions of leave-one-out), drawn from the previous item's group, so
+their ID is never trained on a positive while their text and image say which group they belong to.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ FIRST_DAY = 16436  # 2015-01-01 as days since the Unix epoch
 START_SPREAD_DAYS = 900  # users start within this many days of FIRST_DAY
 MIN_LENGTH = 5  # every user starts with a 5-core-sized history
 MAX_LENGTH = 50
+P_LATE_AT_END = 0.2  # at a user's last two reviews, the chance the next item is a late launch of the group
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,7 @@ class ItemSpec:
     category: int
     style: int
     popularity: float
+    late: bool = False  # launched late: only ever a user's last or second-to-last item
 
 
 @dataclass
@@ -64,16 +70,21 @@ def _random_ids(rng: np.random.Generator, n: int, prefix: str, length: int) -> l
 
 
 def make_items(rng: np.random.Generator, n_items: int, n_categories: int,
-               exponent: float = ZIPF_EXPONENT) -> list[ItemSpec]:
-    """Items spread evenly over categories and styles, each with a Zipf-like popularity 1 / rank**exponent."""
+               exponent: float = ZIPF_EXPONENT, late_share: float = 0.0) -> list[ItemSpec]:
+    """Items spread evenly over categories and styles, each with a Zipf-like popularity 1 / rank**exponent;
+    ``late_share`` of them (the last ones of a shuffled order, so spread over the groups) launched late."""
     n_styles = len(STYLES)
     groups = np.arange(n_items) % (n_categories * n_styles)
     rng.shuffle(groups)
     ranks = rng.permutation(n_items)
     weights = 1.0 / (ranks + 1.0) ** exponent
     asins = _random_ids(rng, n_items, "B0", 10)
+    late = np.zeros(n_items, dtype=bool)
+    if late_share > 0:  # no draw without late items: the dense regime's catalog stays as it was
+        late[rng.permutation(n_items)[: int(round(late_share * n_items))]] = True
     return [
-        ItemSpec(i, asins[i], int(groups[i]) // n_styles, int(groups[i]) % n_styles, float(weights[i]))
+        ItemSpec(i, asins[i], int(groups[i]) // n_styles, int(groups[i]) % n_styles, float(weights[i]),
+                 bool(late[i]))
         for i in range(n_items)
     ]
 
@@ -92,20 +103,34 @@ class _Sampler:
                 members = [it.index for it in items if it.category == c and it.style == s]
                 self.by_group[(c, s)] = np.array(members, dtype=np.int64)
         self.everything = np.arange(len(items), dtype=np.int64)
+        self.late = np.array([it.late for it in items], dtype=bool)
 
-    def draw(self, pool: np.ndarray, exclude: set[int]) -> int | None:
-        """One item of ``pool`` not in ``exclude``, by popularity; None when none is left."""
-        free = np.array([i for i in pool.tolist() if i not in exclude], dtype=np.int64)
+    def draw(self, pool: np.ndarray, exclude: set[int], late: bool | None = False) -> int | None:
+        """One item of ``pool`` not in ``exclude``, by popularity; None when none is left.
+
+        ``late``: False draws only items on sale from the start, True only late launches, None any.
+        """
+        free = np.array([i for i in pool.tolist() if i not in exclude and (late is None or self.late[i] == late)],
+                        dtype=np.int64)
         if free.size == 0:
             return None
         p = self.popularity[free]
         return int(self.rng.choice(free, p=p / p.sum()))
 
 
-def _next_item(sampler: _Sampler, items: list[ItemSpec], user: UserSpec, seen: set[int]) -> int:
-    """The user's next item given the previous one (see the module docstring for the mix)."""
+def _next_item(sampler: _Sampler, items: list[ItemSpec], user: UserSpec, seen: set[int],
+               at_end: bool = False) -> int:
+    """The user's next item given the previous one (see the module docstring for the mix).
+
+    ``at_end``: one of the user's last two reviews, where late launches are on sale.
+    """
     rng = sampler.rng
     prev = items[user.events[-1][0]] if user.events else None
+    if at_end and prev is not None and sampler.late.any() and rng.random() < P_LATE_AT_END:
+        for pool in (sampler.by_group[(prev.category, prev.style)], sampler.by_category[prev.category]):
+            item = sampler.draw(pool, seen, late=True)
+            if item is not None:
+                return item
     u = rng.random()
     pools: list[np.ndarray] = []
     if prev is not None and u < P_SAME_GROUP:
@@ -120,7 +145,7 @@ def _next_item(sampler: _Sampler, items: list[ItemSpec], user: UserSpec, seen: s
         pools.append(sampler.by_category[category])
     pools.append(sampler.everything)
     for pool in pools:  # fall through when the user already has every item of a pool
-        item = sampler.draw(pool, seen)
+        item = sampler.draw(pool, seen, late=False)
         if item is not None:
             return item
     raise RuntimeError("user has every item of the catalog; MAX_LENGTH must stay below n_items")
@@ -144,7 +169,7 @@ def make_users(
         for pos in range(length):
             if pos > 0 and rng.random() >= TIE_PROBABILITY:
                 day += int(rng.geometric(1.0 / MEAN_GAP_DAYS))
-            item = _next_item(sampler, items, user, seen)
+            item = _next_item(sampler, items, user, seen, at_end=pos >= length - 2)
             seen.add(item)
             user.events.append((item, day))
         users.append(user)

@@ -217,7 +217,9 @@ def import_features(name: str, modality: str, source: PrecomputedFeatures, paths
     """
     started = time.perf_counter()
     store = paths.text_features if modality == "text" else paths.image_features
-    catalog_items = pq.read_table(paths.items, columns=["item_id"]).column("item_id").to_pylist()
+    # every item of the catalog: the image stage reads it from the images table, which it depends on
+    listing = paths.items if modality == "text" else paths.images_table
+    catalog_items = pq.read_table(listing, columns=["item_id"]).column("item_id").to_pylist()
     matrix = read_features(file, index, source.format)
     row_of = {item: r for r, item in enumerate(matrix.item_ids)}
     rows = [row_of[i] for i in catalog_items if i in row_of]

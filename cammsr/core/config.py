@@ -87,6 +87,7 @@ class DemoParams(Section):
     mean_length: float = Field(default=12.0, gt=3)
     image_size: int = Field(default=64, ge=16)
     popularity_exponent: float = Field(default=2.0, ge=0)
+    late_item_share: float = Field(default=0.0, ge=0, lt=1)
     seed: int = 7
 
 
@@ -123,6 +124,7 @@ class TextFeatureParams(Section):
     pooling: Literal["cls", "mean"] = "mean"
     max_length: int = Field(default=128, ge=8)
     template: str = "{title}. {brand}. {categories}. {description}"
+    require_any: list[Literal["title", "brand", "categories", "description", "category"]] = ["title", "description"]
     batch_size: int = Field(default=64, ge=1)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
@@ -181,6 +183,7 @@ class TrainParams(Section):
     weight_mode: Literal["confidence", "learned"] = "confidence"
     weight_temperature: float = Field(default=1.0, gt=0)
     score_scale: Literal["none", "learned"] = "none"
+    score_refined: bool = False
     shared_encoder: bool = True
     category_loss: Literal["ce", "bce"] = "ce"
     lambda_cat: float = Field(default=0.1, ge=0)

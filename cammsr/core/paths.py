@@ -85,6 +85,11 @@ class CatalogPaths:
         return self.raw_dir / "manifest.json"
 
     @property
+    def precomputed_sources(self) -> Path:
+        """Which precomputed feature files a catalog imports, with their sha256 (what the encoders watch)."""
+        return self.root / "precomputed.json"
+
+    @property
     def interactions(self) -> Path:
         return self.root / "interactions.parquet"
 

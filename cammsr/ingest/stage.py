@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from cammsr.core.atomic import atomic_path, stage_temp_dir
+from cammsr.core.atomic import atomic_path, stage_temp_dir, write_json_atomic
 from cammsr.core.config import CatalogParams, IngestParams
 from cammsr.core.errors import BadInput
 from cammsr.core.paths import CatalogPaths
@@ -86,6 +86,7 @@ def _ingest(name: str, catalog: CatalogParams, params: IngestParams, paths: Cata
     fetched = download_sources(catalog.source_urls(), paths.raw_dir, paths.manifest, policy=policy,
                                concurrency=params.concurrency, root=root)
     reviews_file, meta_file = fetched[0], (fetched[1] if catalog.meta else None)
+    write_json_atomic(paths.precomputed_sources, precomputed_record(catalog, fetched))
     window = TimestampWindow.from_params(params.min_review_date, params.max_days_ahead)
     notes: list[str] = []
 
@@ -170,6 +171,21 @@ def _ingest(name: str, catalog: CatalogParams, params: IngestParams, paths: Cata
     )
     summary.write(paths.summary("ingest"))
     return summary
+
+
+def precomputed_record(catalog: CatalogParams, fetched: list[FetchResult]) -> dict[str, dict | None]:
+    """``{modality: {file, sha256, index, index_sha256, format, provenance} or None}``: the precomputed
+    feature files and their content hashes, so an encode stage reruns when, and only when, its own file
+    (not the reviews or metadata) changed."""
+    sha = {f.entry.url: f.entry.sha256 for f in fetched}
+    out: dict[str, dict | None] = {}
+    for modality in ("text", "image"):
+        source = catalog.precomputed(modality)
+        out[modality] = None if source is None else {
+            "file": source.file, "sha256": sha[source.file], "index": source.index,
+            "index_sha256": sha.get(source.index) if source.index else None, "format": source.format,
+            "provenance": source.provenance}
+    return out
 
 
 def _label(result: FetchResult, paths: CatalogPaths) -> str:

@@ -70,6 +70,7 @@ class ModelConfig:
     dyt_alpha_init: float = 0.5
     weight_temperature: float = 1.0  # "confidence" weights: softmax_m(log p_m / T); T < 1 sharpens them
     score_scale: str = "none"  # "learned": a trained scale per modality on its score term
+    score_refined: bool = False  # score against the CAMoE-refined item tables ē_m instead of e_m
     shared_encoder: bool = True  # False: one Transformer per modality (HM4SR-style)
     category_loss: str = "ce"  # "ce": single label; "bce": multi-hot over the item's category path tokens
     num_path_tokens: int = 0  # T, category path tokens (for "bce")
@@ -103,7 +104,7 @@ class ModelConfig:
     def sasrec(self) -> ModelConfig:
         """The SASRec baseline: ID only, no CAMoE, no swap-CL, LayerNorm everywhere."""
         return replace(self, use_text=False, use_image=False, num_experts=0, category_guidance=False,
-                       swap_cl=False, norm="layernorm", score_scale="none", shared_encoder=True)
+                       swap_cl=False, norm="layernorm", score_scale="none", shared_encoder=True, score_refined=False)
 
     @property
     def category_outputs(self) -> int:
@@ -411,7 +412,11 @@ class CAMMSR(nn.Module):
     # ---- 5. scores and loss --------------------------------------------------------------------
     def score_table(self) -> torch.Tensor:
         """Item tables of all modalities side by side: [N+1, M*d] (scored against concat Z)."""
-        tables = [self.item_table(m) for m in self.mods]  # M x [N+1, d]
+        if self.cfg.score_refined and self.use_moe:  # the same refinement as the sequence side's items
+            refined, _, _ = self.camoe(torch.arange(self.cfg.num_items + 1, device=self.pos_emb.weight.device))
+            tables = [refined[m] for m in self.mods]  # M x [N+1, d]
+        else:
+            tables = [self.item_table(m) for m in self.mods]  # M x [N+1, d]
         if self.cfg.score_scale == "learned":  # scaling the table scales that modality's score term
             scale = self.log_score_scale.exp()  # [M]
             tables = [t * scale[j] for j, t in enumerate(tables)]

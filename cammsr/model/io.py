@@ -39,6 +39,7 @@ def config_from_params(train: TrainParams, split: SplitData, split_params: Split
         swap_prob=train.swap_prob, lambda_cl=train.lambda_cl, cl_temperature=train.cl_temperature,
         norm=train.norm, dyt_scope=train.dyt_scope, dyt_alpha_init=train.dyt_alpha_init,
         weight_temperature=train.weight_temperature, score_scale=train.score_scale,
+        score_refined=train.score_refined,
         shared_encoder=train.shared_encoder, category_loss=train.category_loss,
         num_path_tokens=len(split.path_tokens or []),
     )

@@ -226,3 +226,26 @@ def test_cli_reads_params_and_replaces_the_folder(tmp_path, monkeypatch):
     assert [p.name for p in (tmp_path / "src").iterdir()] == ["demo"]  # no temp folder left behind
     recorded = json.loads((out / "demo_summary.json").read_text())
     assert recorded["malformed_line"] == summary.malformed_line and "seconds" not in recorded
+
+
+def test_long_tail_regime_late_items_only_at_the_last_two_reviews():
+    import numpy as np
+
+    from cammsr.core.config import DemoParams
+    from demo.sequences import make_items, make_users
+
+    params = DemoParams(n_users=300, n_items=200, popularity_exponent=1.0, late_item_share=0.1)
+    rng_items, rng_users = (np.random.default_rng(s) for s in np.random.SeedSequence(3).spawn(2))
+    items = make_items(rng_items, params.n_items, params.n_categories, params.popularity_exponent,
+                       params.late_item_share)
+    users = make_users(rng_users, items, params.n_users, params.n_categories, params.mean_length)
+    assert sum(it.late for it in items) == 20
+    late_at = [pos - len(u.events) for u in users for pos, (i, _) in enumerate(u.events) if items[i].late]
+    assert late_at and set(late_at) <= {-2, -1}  # never in the training part of a sequence
+    prev_group = [(items[u.events[p - 1][0]].category, items[u.events[p - 1][0]].style, items[i].category)
+                  for u in users for p, (i, _) in enumerate(u.events) if items[i].late]
+    assert all(c == ci for c, _, ci in prev_group)  # a late launch follows an item of its own category
+    # without late items no random draw is added: the dense regime's catalog is unchanged
+    again = make_items(np.random.default_rng(np.random.SeedSequence(3).spawn(2)[0]), 200, 6, 1.0, 0.0)
+    dense = make_items(np.random.default_rng(np.random.SeedSequence(3).spawn(2)[0]), 200, 6, 1.0)
+    assert again == dense and not any(it.late for it in dense)

@@ -97,6 +97,7 @@ def _catalog(tmp_path, items) -> CatalogPaths:
     paths = CatalogPaths.of("cat", tmp_path / "data")
     paths.root.mkdir(parents=True)
     pq.write_table(pa.table({"item_id": items}), paths.items)
+    pq.write_table(pa.table({"item_id": items, "status": ["missing"] * len(items)}), paths.images_table)
     return paths
 
 
@@ -133,3 +134,25 @@ def test_reimport_of_the_same_file_leaves_the_store_untouched_and_a_changed_file
     changed = import_features("cat", "text", source, paths, feat, index)
     assert changed.counts["imported"] == 4
     np.testing.assert_array_equal(read_rows(paths.text_features).embeddings, emb * 2)
+
+
+def test_ingest_records_the_feature_files_hashes_and_nothing_else():
+    from pathlib import Path
+
+    from cammsr.core.config import CatalogParams
+    from cammsr.ingest.download import FetchResult, ManifestEntry
+    from cammsr.ingest.stage import precomputed_record
+
+    def fetched(url, sha):
+        return FetchResult("n", Path("n"), ManifestEntry(url=url, sha256=sha, bytes=1, fetched_at="t"), True, 1)
+
+    catalog = CatalogParams(reviews="file:r", meta="file:m", image_features={"file": "file:f", "index": "file:i",
+                                                                              "provenance": "CLIP"})
+    record = precomputed_record(catalog, [fetched("file:r", "r1"), fetched("file:m", "m1"),
+                                          fetched("file:f", "f1"), fetched("file:i", "i1")])
+    assert record == {"text": None, "image": {"file": "file:f", "sha256": "f1", "index": "file:i",
+                                              "index_sha256": "i1", "format": "auto", "provenance": "CLIP"}}
+    # new reviews or metadata leave it as it was, so the encode stages that watch it do not rerun
+    again = precomputed_record(catalog, [fetched("file:r", "r2"), fetched("file:m", "m2"),
+                                         fetched("file:f", "f1"), fetched("file:i", "i1")])
+    assert again == record

@@ -107,3 +107,13 @@ def test_one_encoder_per_modality_has_its_own_weights_and_stays_causal():
 def test_sasrec_ignores_the_new_switches():
     cfg = ModelConfig(num_items=N, num_categories=C, score_scale="learned", shared_encoder=False).sasrec()
     assert (cfg.score_scale, cfg.shared_encoder) == ("none", True)
+
+
+def test_refined_score_tables_are_the_camoe_outputs():
+    model = make(score_refined=True)
+    model.eval()
+    refined, _, _ = model.camoe(torch.arange(N + 1))
+    table = model.score_table()
+    assert torch.allclose(table, torch.cat([refined[m] for m in model.mods], dim=-1))
+    plain = make()
+    assert not torch.allclose(plain.score_table(), table)

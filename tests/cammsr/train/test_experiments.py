@@ -46,3 +46,14 @@ def test_run_experiments_smoke(tiny_catalog, tmp_path, monkeypatch):
     # a changed setting is another run, not a stale reuse
     with pytest.raises(AssertionError, match="trained again"):
         run_experiments("tiny", params, tiny_catalog, [0], ["SASRec"], out, overrides={"epochs": 2})
+
+
+def test_set_overrides_are_typed_and_checked():
+    from cammsr.core.config import TrainParams
+    from cammsr.train.experiments import train_overrides
+
+    assert train_overrides(["lr=0.002", "use_text=false", "dropout=0.3"], TrainParams()) == \
+        {"lr": 0.002, "use_text": False, "dropout": 0.3}
+    for bad, message in (("lr", "key=value"), ("lr_rate=1", "unknown train params"), ("dropout=2", "dropout")):
+        with pytest.raises(ValueError, match=message):
+            train_overrides([bad], TrainParams())
