@@ -2,8 +2,8 @@
 never interrupted (no row lost or doubled), and nothing of the killed run is left behind.
 
 Each test runs the real `cammsr` command in a subprocess, kills it (SIGKILL: no cleanup of any kind runs)
-at a point the test waits for, reruns it, and compares with an uninterrupted run of the same command in
-a second project. Covered: ingest (mid-download of the reviews file, and mid-way through the images),
+at a point the test waits for, reruns it, and compares with an uninterrupted run of the same stage in a
+second project. Covered: ingest (mid-download of the reviews file, and mid-way through the images),
 encode (between two finished chunks) and train (after an epoch). A recommend stage is not covered here.
 """
 
@@ -33,7 +33,7 @@ from features.store import read_rows
 from tests.integration.conftest import REPO, project_env
 from tests.params_builder import tiny_params, write_params
 
-pytestmark = pytest.mark.slow  # each test starts the CLI three times
+pytestmark = pytest.mark.slow  # each test starts the CLI twice and runs the stage once more in process
 
 
 def cammsr(root: Path, *args: str, kill_when: Callable[[], bool] | None = None, timeout: float = 300):
@@ -54,6 +54,13 @@ def cammsr(root: Path, *args: str, kill_when: Callable[[], bool] | None = None, 
     out, _ = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, out.decode()[-4000:]
     return proc
+
+
+def uninterrupted(root: Path, stage: str, catalog: str) -> None:
+    """The reference run, in this process (what the command does, without paying for a new interpreter)."""
+    from cammsr.ops.stages import Project, run_stage_now
+
+    run_stage_now(stage, catalog, Project.at(root))
 
 
 def leftovers(catalog: Path) -> list[str]:
@@ -176,7 +183,7 @@ def test_ingest_killed_then_rerun_equals_an_uninterrupted_ingest(source, tmp_pat
     server = serve(source, tmp_path)
     try:
         clean = project(tmp_path / "clean", server)
-        cammsr(clean, "ingest", "--catalog", "web")
+        uninterrupted(clean, "ingest", "web")
         killed = project(tmp_path / "killed", server)
         if where == "reviews download":
             server.stall_reviews_at = (server.folder / REVIEWS_FILE).stat().st_size // 2
@@ -202,7 +209,7 @@ def test_ingest_killed_while_parsing_leaves_nothing_the_rerun_does_not_clear(tmp
     """Killed with its tables half-written: the rerun removes every temp file, wherever the killed run put it."""
     from benchmarks.ingest import write_catalog
 
-    write_catalog(tmp_path / "src", scale=1, base_users=6000)  # ~55k reviews: parsing takes seconds
+    write_catalog(tmp_path / "src", scale=1, base_users=3000)  # ~27k reviews: parsing takes a second or more
     roots = []
     for name in ("clean", "killed"):
         root = tmp_path / name
@@ -212,7 +219,7 @@ def test_ingest_killed_while_parsing_leaves_nothing_the_rerun_does_not_clear(tmp
         write_params(root / "params.yaml", tiny_params({"big": catalog}))
         roots.append(root)
     clean, killed = roots
-    cammsr(clean, "ingest", "--catalog", "big")
+    uninterrupted(clean, "ingest", "big")
     catalog = killed / "data/big"
     cammsr(killed, "ingest", "--catalog", "big",
            kill_when=lambda: any(p.name.startswith(".interactions.parquet.") for p in catalog.rglob("*")))
@@ -243,7 +250,7 @@ def test_encode_killed_between_chunks_then_rerun_equals_an_uninterrupted_encode(
     clean, killed = tmp_path / "clean", tmp_path / "killed"
     for root in (clean, killed):
         shutil.copytree(ingested, root)
-    cammsr(clean, "encode", "--catalog", "c", "--modality", "text")
+    uninterrupted(clean, "encode_text", "c")
     parts = killed / "data/c/features/text.parquet.parts"
     cammsr(killed, "encode", "--catalog", "c", "--modality", "text",
            kill_when=lambda: len(list(parts.glob("part-*.parquet"))) >= 2)
@@ -271,10 +278,10 @@ def test_train_killed_after_an_epoch_then_rerun_equals_an_uninterrupted_training
         write_params(root / "params.yaml", tiny_params({"tiny": {"reviews": "file:none.json", "images": False}}, {
             "train": {"model": "sasrec", "epochs": 4, "patience": 10, "num_threads": 1, "hidden_size": 16},
             "splits": {"user_core": 1, "item_core": 1}}))
-        cammsr(root, "split", "--catalog", "tiny")
+        uninterrupted(root, "split", "tiny")
         roots.append((root, paths))
     (clean, clean_paths), (killed, killed_paths) = roots
-    cammsr(clean, "train", "--catalog", "tiny")
+    uninterrupted(clean, "train", "tiny")
     last = killed_paths.models_dir / "last.pt"
     cammsr(killed, "train", "--catalog", "tiny", kill_when=last.exists)
     cammsr(killed, "train", "--catalog", "tiny")
