@@ -463,20 +463,33 @@ def concurrent_ingests(s: Scratch) -> Outcome:
     env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "250"}
     s.server.stalled.clear()
     s.server.released.clear()
+    started: list[subprocess.Popen] = []
+
+    def start() -> subprocess.Popen:
+        started.append(subprocess.Popen(env_run, cwd=s.root, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True))
+        return started[-1]
+
     with s.watching():
-        first = subprocess.Popen(env_run, cwd=s.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 text=True)
-        deadline = time.monotonic() + 120
-        while not s.server.stalled.is_set():
-            check(first.poll() is None and time.monotonic() < deadline, "the first ingest never started downloading")
-            time.sleep(0.02)
-        busy = s.cammsr("ingest", "--catalog", "twice", "--no-wait")
-        one_line(busy, 1, "another run is writing these outputs")
-        second = subprocess.Popen(env_run, cwd=s.root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                  text=True)
-        time.sleep(3)
-        s.server.release()
-        outs = [p.communicate(timeout=300)[0] for p in (first, second)]
+        try:
+            first = start()
+            deadline = time.monotonic() + 120
+            while not s.server.stalled.is_set():
+                check(first.poll() is None and time.monotonic() < deadline,
+                      "the first ingest never started downloading")
+                time.sleep(0.02)
+            busy = s.cammsr("ingest", "--catalog", "twice", "--no-wait")
+            one_line(busy, 1, "another run is writing these outputs")
+            second = start()
+            time.sleep(3)
+            s.server.release()
+            outs = [p.communicate(timeout=300)[0] for p in (first, second)]
+        finally:  # never leave a process behind, whatever failed
+            s.server.release()
+            for proc in started:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate()
     check(first.returncode == 0 and second.returncode == 0, f"exits {first.returncode}, {second.returncode}: "
                                                             f"{outs[1][-300:]}")
     check("waiting for it to finish" in outs[1], "the second did not say it waits")
