@@ -8,17 +8,25 @@ Library functions never read the file: drivers load it here and pass typed secti
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cammsr.core.errors import BadInput
+from cammsr.core.paths import CATALOG_NAME, CATALOG_NAME_RULE
+
 
 class Section(BaseModel):
-    """Base for every params section: unknown keys are errors, values are checked on assignment."""
+    """Base for every params section: unknown keys are errors, values are checked on assignment.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    Types are strict: ``lr: "0.001"`` or ``use_text: "no"`` is an error naming the key, never a silent
+    conversion (an int is still a valid float).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), strict=True)
 
 
 class ProjectParams(Section):
@@ -55,6 +63,11 @@ class CatalogParams(Section):
                                                       "from a file instead of encoding the item text")
     image_features: PrecomputedFeatures | None = Field(default=None, description="import image features "
                                                        "from a file instead of encoding the images")
+    min_interactions: int | None = Field(
+        default=None, ge=1,
+        description="this catalog's k-core: users and items need at least this many interactions "
+                    "(default splits.user_core / splits.item_core); `cammsr onboard --min-interactions`",
+    )
 
     def precomputed(self, modality: Literal["text", "image"]) -> PrecomputedFeatures | None:
         return self.text_features if modality == "text" else self.image_features
@@ -86,6 +99,23 @@ class IngestParams(Section):
     max_image_bytes: int = Field(default=20_000_000, gt=0)
     max_image_pixels: int = Field(default=40_000_000, gt=0)
     category_level: int = Field(default=1, ge=0, description="index into categories[0] used as the label")
+    min_review_date: str = Field(default="1995-01-01", description="reviews dated before this day "
+                                 "(YYYY-MM-DD, UTC) are quarantined")
+    max_days_ahead: float = Field(default=1.0, ge=0, description="reviews dated more than this many days "
+                                  "after the ingest are quarantined (e.g. milliseconds read as seconds)")
+
+
+    @field_validator("min_review_date", mode="before")
+    @classmethod
+    def _iso_day(cls, value: object) -> object:
+        if isinstance(value, date):  # YAML reads an unquoted 1995-01-01 as a date
+            return value.isoformat()
+        if isinstance(value, str):
+            try:
+                date.fromisoformat(value)
+            except ValueError as exc:
+                raise ValueError(f"expected a day as YYYY-MM-DD, found {value!r}") from exc
+        return value
 
 
 class TextFeatureParams(Section):
@@ -196,6 +226,14 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     orchestration: OrchestrationParams = OrchestrationParams()
 
+    @field_validator("catalogs")
+    @classmethod
+    def _catalog_names(cls, catalogs: dict[str, CatalogParams]) -> dict[str, CatalogParams]:
+        bad = [name for name in catalogs if not CATALOG_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"catalog name(s) {bad}: use {CATALOG_NAME_RULE} (a name is a folder under data/)")
+        return catalogs
+
     def catalog(self, name: str) -> CatalogParams:
         """Return the catalog section for ``name`` or raise a KeyError listing the known ones."""
         if name not in self.catalogs:
@@ -203,7 +241,7 @@ class Params(Section):
         return self.catalogs[name]
 
 
-class ParamsError(ValueError):
+class ParamsError(BadInput, ValueError):
     """params.yaml is missing, unreadable or invalid; the message names the file and the key."""
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cammsr.core.atomic import new_temp_file
 from cammsr.ingest.download import resolve_reference
 from cammsr.ingest.formats import ItemMeta, Review
 
@@ -74,9 +74,7 @@ def write_interactions(reviews: Iterable[Review], path: str | Path, batch_rows: 
     in a second pass over the written file, so a hash collision never drops a review.
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".pass1", dir=path.parent)
-    os.close(fd)
-    first_pass = Path(name)
+    first_pass = new_temp_file(path, ".pass1")  # the mode a plain open() gives, kept through the rename
     hashes: list[np.ndarray] = []
     users: set[str] = set()
     items: dict[str, None] = {}  # insertion-ordered: first appearance

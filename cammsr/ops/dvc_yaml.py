@@ -25,7 +25,7 @@ HEADER = """\
 #   dvc exp run -S train.model=sasrec  # an experiment
 # Code deps are the source folders of every module a stage's entry function imports (cammsr/ops/code_deps.py).
 """
-CATALOG_PATHS = CatalogPaths.of("${key}", "${project.data_dir}")
+CATALOG_PATHS = CatalogPaths(Path("${project.data_dir}") / "${key}")  # DVC templates, not a catalog name
 
 
 def _out_entry(out: Out, path: Path) -> str | dict[str, Any]:

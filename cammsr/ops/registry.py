@@ -118,8 +118,14 @@ def _encode_image(fn, p, ctx: StageContext) -> StageSummary:
               precomputed=p.catalogs[ctx.catalog].image_features)
 
 
+def split_params(p: Params, catalog: str):
+    """``splits`` with the catalog's own k-core (``catalogs.NAME.min_interactions``) when it has one."""
+    k = p.catalogs[catalog].min_interactions
+    return p.splits if k is None else p.splits.model_copy(update={"user_core": k, "item_core": k})
+
+
 def _split(fn, p, ctx: StageContext) -> StageSummary:
-    return fn(ctx.catalog, p.splits, ctx.paths)
+    return fn(ctx.catalog, split_params(p, ctx.catalog), ctx.paths)
 
 
 def _train(fn, p, ctx: StageContext) -> StageSummary:
@@ -166,7 +172,7 @@ STAGES: tuple[StageSpec, ...] = (
         help="Encode item images (open_clip) into the feature store.",
     ),
     StageSpec(
-        "split", "cammsr.data.splits:run_split", _split, params=("splits",), cli="cammsr split",
+        "split", "cammsr.data.splits:run_split", _split, params=("splits", "catalogs.{catalog}"), cli="cammsr split",
         deps=("interactions", "items"), outs=(Out("splits_dir"),),
         help="k-core filter, item/category index, chronological leave-one-out.",
     ),
