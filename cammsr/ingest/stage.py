@@ -86,7 +86,6 @@ def _ingest(name: str, catalog: CatalogParams, params: IngestParams, paths: Cata
     fetched = download_sources(catalog.source_urls(), paths.raw_dir, paths.manifest, policy=policy,
                                concurrency=params.concurrency, root=root)
     reviews_file, meta_file = fetched[0], (fetched[1] if catalog.meta else None)
-    write_json_atomic(paths.precomputed_sources, precomputed_record(catalog, fetched))
     window = TimestampWindow.from_params(params.min_review_date, params.max_days_ahead)
     notes: list[str] = []
 
@@ -169,6 +168,8 @@ def _ingest(name: str, catalog: CatalogParams, params: IngestParams, paths: Cata
         seconds=round(time.perf_counter() - started, 3),
         notes=notes,
     )
+    # last, with the tables: a failed ingest leaves the record of the previous files beside the previous tables
+    write_json_atomic(paths.precomputed_sources, precomputed_record(catalog, fetched))
     summary.write(paths.summary("ingest"))
     return summary
 
