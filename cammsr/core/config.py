@@ -159,6 +159,8 @@ class TrainParams(Section):
     category_noise: float = Field(default=0.0, ge=0, le=1)
     feature_norm: Literal["none", "center_l2"] = "center_l2"
     num_threads: int = Field(default=0, ge=0, description="torch threads; 0 leaves torch's default")
+    id_dropout: float = Field(default=0.0, ge=0, lt=1, description="fraction of item IDs replaced by the "
+                              "learned unknown-ID vector at each step (trains it for items added after training)")
 
 
 class EvaluateParams(Section):

@@ -38,6 +38,7 @@ def config_from_params(train: TrainParams, split: SplitData, split_params: Split
         weight_mode=train.weight_mode, lambda_cat=train.lambda_cat, swap_cl=train.swap_cl,
         swap_prob=train.swap_prob, lambda_cl=train.lambda_cl, cl_temperature=train.cl_temperature,
         norm=train.norm, dyt_scope=train.dyt_scope, dyt_alpha_init=train.dyt_alpha_init,
+        id_dropout=train.id_dropout,
     )
     return cfg.sasrec() if train.model == "sasrec" else cfg
 
@@ -121,6 +122,8 @@ def load_checkpoint(path: Path, split: SplitData, paths: CatalogPaths, map_locat
         raise ValueError(f"{path}: trained with feature widths text={cfg.text_dim} image={cfg.image_dim}, "
                          f"stores now give text={widths[0]} image={widths[1]}: retrain")
     state = _renamed(ckpt["state_dict"])
+    if "id" in cfg.modalities and "missing.id" not in state:  # before the unknown-ID vector: untrained, zeros
+        state["missing.id"] = torch.zeros(cfg.hidden_size)
     model = CAMMSR(cfg, state["item_category"], *feats["text"], *feats["image"])
     model.load_state_dict(state)
     return model, ckpt
