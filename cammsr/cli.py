@@ -82,6 +82,12 @@ def split(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml")) -> 
     console.print(_run("split", catalog, params_path).line())
 
 
+@app.command("split-features")
+def split_features(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml")) -> None:
+    """Cut each feature store to the split's items (what train and evaluate read)."""
+    console.print(_run("split_features", catalog, params_path).line())
+
+
 @app.command()
 def train(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml"),
           resume: Annotated[bool, typer.Option(help="continue from models/last.pt")] = False,
