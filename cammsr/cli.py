@@ -106,6 +106,26 @@ def evaluate(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml")) 
 
 
 @app.command()
+def recommend(
+    catalog: CatalogOpt,
+    k: Annotated[int | None, typer.Option("--k", help="items per user (default recommend.k)")] = None,
+    users: Annotated[Path | None, typer.Option(help="only these users: a text file, one id per line, or a "
+                                              "Parquet/CSV file with a user_id column")] = None,
+    out: Annotated[Path | None, typer.Option(help="output Parquet (default data/NAME/recommendations.parquet)")]
+    = None,
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Top-k items of every user from the trained model, new items ranked from their content."""
+    options = {key: value for key, value in (("k", k), ("users", users), ("out", out)) if value is not None}
+    try:
+        summary = _run("recommend", catalog, params_path, **options)
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]recommend[{catalog}]: {exc}")
+        raise typer.Exit(2) from exc
+    console.print(summary.line(), markup=False)
+
+
+@app.command()
 def experiments(
     catalog: CatalogOpt,
     seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1,2",
@@ -198,14 +218,25 @@ def dvc_yaml(check: Annotated[bool, typer.Option("--check", help="only compare; 
 
 @app.command()
 def demo(params_path: ParamsOpt = Path("params.yaml")) -> None:
-    """Run the whole DAG on the demo catalog with `dvc repro`, then print its metrics table."""
+    """Run the whole DAG on the demo catalog with `dvc repro` (through evaluate and recommend), then print
+    its metrics table, the recommend summary and three example users."""
+    import json
+
+    from cammsr.evaluate.report import example_users, examples_table
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            # the DVC stages call `cammsr`: make sure it is this interpreter's
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    rc = subprocess.call([sys.executable, "-m", "dvc", "repro", "evaluate@demo"], env=env)
+    rc = subprocess.call([sys.executable, "-m", "dvc", "repro", "evaluate@demo", "recommend@demo"], env=env)
     if rc:
         raise typer.Exit(rc)
     report(catalog=["demo"], params_path=params_path)
+    paths = _paths(_load(params_path), "demo")
+    raw = json.loads(paths.summary("recommend").read_text())
+    console.print(StageSummary(raw["stage"], raw["catalog"], raw["counts"], raw["seconds"]).line(), markup=False)
+    for note in raw.get("notes", []):
+        console.print(f"  {note}", markup=False)
+    console.print(examples_table("demo", example_users(paths)))
 
 
 # --- orchestration commands ---

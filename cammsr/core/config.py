@@ -117,6 +117,7 @@ class FeatureParams(Section):
 class OrchestrationParams(Section):
     refresh_cron: str = "0 3 * * *"
     refresh_downstream: bool = False
+    refresh_recommend: bool = False
     task_runner: Literal["threads", "dask", "ray"] = "threads"
     dask_address: str | None = None
     dask_workers: int = Field(default=2, ge=1)
@@ -176,6 +177,14 @@ class EvaluateParams(Section):
         return sorted(set(ks))
 
 
+class RecommendParams(Section):
+    k: int = Field(default=20, ge=1, le=32767, description="items per user (rank is an int16)")
+    exclude_seen: bool = True
+    include_new_items: bool = Field(default=True, description="rank catalog items the model was not trained "
+                                    "on from their content (multimodal checkpoints)")
+    batch_size: int = Field(default=1024, ge=1)
+
+
 class Params(Section):
     project: ProjectParams = ProjectParams()
     catalogs: dict[str, CatalogParams]
@@ -185,6 +194,7 @@ class Params(Section):
     splits: SplitParams = SplitParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    recommend: RecommendParams = RecommendParams()
     orchestration: OrchestrationParams = OrchestrationParams()
 
     def catalog(self, name: str) -> CatalogParams:

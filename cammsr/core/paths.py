@@ -135,6 +135,11 @@ class CatalogPaths:
     def eval_dir(self) -> Path:
         return self._out / "eval"
 
+    @property
+    def recommendations(self) -> Path:
+        """Top-k items per user of the trained model (the recommend stage)."""
+        return self._out / "recommendations.parquet"
+
     def summary(self, stage: str) -> Path:
         """The JSON summary a stage writes next to its outputs (rows in/out, seconds...)."""
         return self._out / "summaries" / f"{stage}.json"

@@ -134,6 +134,10 @@ def _evaluate(fn, p, ctx: StageContext) -> StageSummary:
     return fn(ctx.catalog, p.splits, p.evaluate, p.project, ctx.paths)
 
 
+def _recommend(fn, p, ctx: StageContext) -> StageSummary:
+    return fn(ctx.catalog, p.recommend, ctx.paths, device=p.project.device, **ctx.options)
+
+
 _WHERE_ENCODING_RUNS = ("project.device", "features.runner", "features.dask_address", "features.dask_workers",
                         "features.chunk_size")
 _INCREMENTAL = "persist: DVC keeps it before a rerun, so only new or changed items are redone"
@@ -192,6 +196,13 @@ STAGES: tuple[StageSpec, ...] = (
         cli="cammsr evaluate", deps=("checkpoint", "splits_dir", "split_features_dir"),
         outs=(Out("metrics", role="metric", cache=False), Out("eval_dir", cache=False)),
         help="Full-ranking HR/NDCG/MRR of the best checkpoint beside most-popular.",
+    ),
+    StageSpec(
+        "recommend", "cammsr.evaluate.recommend:run_recommend", _recommend, params=("recommend",),
+        untracked=("project.device",), cli="cammsr recommend",
+        deps=("checkpoint", "splits_dir", "items", "text_features", "image_features"),
+        outs=(Out("recommendations"),),
+        help="Top-k items of every user from the trained model, new items ranked from their content.",
     ),
 )
 BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGES}

@@ -58,7 +58,9 @@ def _retitle_one_item(path, items):
 
 def test_downstream_stages_follow_the_switch():
     assert refresh_stages(False) == ["ingest", "encode_text", "encode_image"]
-    assert refresh_stages(True) == ["ingest", "encode_text", "encode_image", "split", "train", "evaluate"]
+    assert refresh_stages(False, recommend=True) == ["ingest", "encode_text", "encode_image", "recommend"]
+    assert refresh_stages(True) == ["ingest", "encode_text", "encode_image", "split", "split_features", "train",
+                                    "evaluate", "recommend"]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,7 @@ def test_first_refresh_builds_the_features_only(refreshes):
     assert not any(x.get("skipped") for x in first["mini"])
     assert s["encode_text"]["counts"]["encoded"] == s["ingest"]["counts"]["items"] > 0
     # what was not run is what DVC still lists; the rest agrees with dvc.lock
-    assert stale == ["evaluate@mini", "split@mini", "train@mini"]
+    assert stale == ["evaluate@mini", "recommend@mini", "split@mini", "split_features@mini", "train@mini"]
 
 
 def test_one_changed_item_encodes_one_item(refreshes):
@@ -98,5 +100,5 @@ def test_unchanged_sources_skip_features_and_downstream_runs_when_asked(refreshe
     s = _by_stage(third)
     assert s["fetch_sources"]["counts"] == {"files": 2, "changed": 0, "bytes_downloaded": 0}
     assert [s[k]["skipped"] for k in ("ingest", "encode_text", "encode_image")] == [True, True, True]
-    assert [s[k]["skipped"] for k in ("split", "train", "evaluate")] == [False, False, False]
+    assert [s[k]["skipped"] for k in ("split", "split_features", "train", "evaluate", "recommend")] == [False] * 5
     assert _stale(mini) == []
