@@ -133,19 +133,38 @@ def experiments(
     = None,
     out: Annotated[Path | None, typer.Option(help="markdown report (default reports/NAME-experiments.md)")] = None,
     epochs: Annotated[int | None, typer.Option(help="override train.epochs for every run")] = None,
+    cold_items: Annotated[float | None, typer.Option(
+        "--cold-items", help="instead: the cold-item study, holding this fraction of the items out of training "
+                             "(default variants CAMMSR and SASRec; report reports/NAME-cold-items.md)")] = None,
+    cold_seed: Annotated[int, typer.Option(help="seed of the cold-item draw (the same items for every run)")] = 0,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Run the paper's study (CAMMSR, SASRec, ablations, category noise) over seeds; write a markdown table."""
+    """Run the paper's study (CAMMSR, SASRec, ablations, category noise) over seeds; write a markdown table.
+
+    With --cold-items: hold a fraction of the items out of training and report HR/NDCG@10 on the test
+    targets that are cold items (CAMMSR ranks them from their content) beside SASRec and most-popular."""
     from cammsr.train.experiments import VARIANTS, run_experiments
 
     p = _load(params_path)
     paths = _paths(p, catalog)
-    if not (paths.splits_dir / "sequences.parquet").exists():
-        console.print(f"[red]{paths.splits_dir} has no split: run `dvc repro train@{catalog}` first")
+    if not (paths.splits_dir / "sequences.parquet").exists() or not paths.split_features_dir.exists():
+        console.print(f"[red]{paths.splits_dir} or {paths.split_features_dir} is missing: "
+                      f"run `dvc repro train@{catalog}` first")
         raise typer.Exit(2)
-    text = run_experiments(catalog, p, paths, [int(s) for s in seeds.split(",")], variant or list(VARIANTS),
-                           out or Path("reports") / f"{catalog}-experiments.md",
-                           overrides={"epochs": epochs} if epochs else None)
+    seed_list = [int(s) for s in seeds.split(",")]
+    overrides = {"epochs": epochs} if epochs else None
+    if cold_items is not None:
+        from cammsr.train.cold import DEFAULT_VARIANTS, run_cold_items
+
+        try:
+            text = run_cold_items(catalog, p, paths, seed_list, variant or DEFAULT_VARIANTS, cold_items, cold_seed,
+                                  out or Path("reports") / f"{catalog}-cold-items.md", overrides=overrides)
+        except ValueError as exc:
+            console.print(f"[red]{exc}")
+            raise typer.Exit(2) from exc
+    else:
+        text = run_experiments(catalog, p, paths, seed_list, variant or list(VARIANTS),
+                               out or Path("reports") / f"{catalog}-experiments.md", overrides=overrides)
     console.print(text, markup=False)
 
 
