@@ -102,3 +102,24 @@ def test_unchanged_sources_skip_features_and_downstream_runs_when_asked(refreshe
     assert [s[k]["skipped"] for k in ("ingest", "encode_text", "encode_image")] == [True, True, True]
     assert [s[k]["skipped"] for k in ("split", "split_features", "train", "evaluate", "recommend")] == [False] * 5
     assert _stale(mini) == []
+
+
+def test_a_refresh_with_recommend_ranks_an_added_item_without_retraining(refreshes, mini):
+    """After the downstream refresh above (a trained model): an item added to the metadata is encoded and
+    recommended by a refresh with ``recommend``, and nothing trains."""
+    lines = gzip.decompress((mini / META).read_bytes()).decode().splitlines()
+    record = next(r for r in map(json.loads, lines) if r.get("title"))
+    record.update(asin="B0ADDED0001", title="A product added between two refreshes")
+    (mini / META).write_bytes(gzip.compress(("\n".join([*lines, json.dumps(record)]) + "\n").encode()))
+    model = (mini / "data/mini/models/model.pt").read_bytes()
+    s = _by_stage(refresh_features(root=str(mini), recommend=True))
+    assert list(s) == ["fetch_sources", "ingest", "encode_text", "encode_image", "recommend"]
+    assert s["encode_text"]["counts"]["encoded"] == 1 and s["recommend"]["skipped"] is False
+    assert (mini / "data/mini/models/model.pt").read_bytes() == model
+    before = _by_stage(refreshes[-1])["recommend"]["counts"]
+    assert s["recommend"]["counts"]["new_items"] == before["new_items"] + 1
+    assert s["recommend"]["counts"]["items"] == before["items"] + 1
+    recs = pl.read_parquet(mini / "data/mini/recommendations.parquet")
+    assert recs["user_id"].n_unique() == s["recommend"]["counts"]["users"] == before["users"]
+    # split and split_features see new inputs (their outputs would not change); train and evaluate do not
+    assert _stale(mini) == ["split@mini", "split_features@mini"]

@@ -203,3 +203,24 @@ def test_a_checkpoint_of_another_item_index_is_refused(trained):
     torch.save(ckpt, trained.checkpoint)
     with pytest.raises(ValueError, match="another item index"):
         run_recommend("tiny", RecommendParams(), trained, device="cpu")
+
+
+def test_the_cli_passes_k_users_and_out_to_the_stage(trained, tmp_path, monkeypatch):
+    import yaml
+    from typer.testing import CliRunner
+
+    from cammsr import cli
+
+    root = trained.root.parent.parent  # <tmp>/data/tiny -> <tmp>
+    (root / "params.yaml").write_text(yaml.safe_dump({"catalogs": {"tiny": {"reviews": "file:unused"}},
+                                                      "project": {"device": "cpu"}}))
+    (root / "users.txt").write_text("u0005\nstranger\n")
+    monkeypatch.chdir(root)
+    result = CliRunner().invoke(cli.app, ["recommend", "--catalog", "tiny", "--k", "4", "--users", "users.txt",
+                                          "--out", "mine.parquet"])
+    assert result.exit_code == 0, result.output
+    assert "recommend[tiny] users=1 unknown_users=1 k=4 rows=4" in result.output
+    table = pl.read_parquet(root / "mine.parquet")
+    assert table["user_id"].to_list() == ["u0005"] * 4 and table["rank"].to_list() == [1, 2, 3, 4]
+    missing = CliRunner().invoke(cli.app, ["recommend", "--catalog", "nope"])
+    assert missing.exit_code == 2 and "nope" in missing.output
