@@ -251,8 +251,10 @@ def demo(params_path: ParamsOpt = Path("params.yaml")) -> None:
         raise typer.Exit(rc)
     report(catalog=["demo"], params_path=params_path)
     paths = _paths(_load(params_path), "demo")
-    raw = json.loads(paths.summary("recommend").read_text())
-    console.print(StageSummary(raw["stage"], raw["catalog"], raw["counts"], raw["seconds"]).line(), markup=False)
+    raw = json.loads(paths.summary("recommend").read_text())  # its keys come back sorted: users first again
+    counts = {k: raw["counts"][k] for k in ("users", "users_per_s", "peak_rss_mb") if k in raw["counts"]}
+    counts |= {k: v for k, v in raw["counts"].items() if k not in counts}
+    console.print(StageSummary(raw["stage"], raw["catalog"], counts, raw["seconds"]).line(), markup=False)
     for note in raw.get("notes", []):
         console.print(f"  {note}", markup=False)
     console.print(examples_table("demo", example_users(paths)))
