@@ -12,8 +12,8 @@ times, best of ``--repeats`` and interleaved so that other work on a shared mach
   seen items excluded, top-k, streamed to Parquet), its ranking+writing loop and the whole call (which also
   loads the split and the checkpoint and hashes the checkpoint file).
 
-Prints a table and ends with one JSON line. The claim checked: recommend's loop takes no longer than one
-evaluation pass plus writing.
+Prints a table and ends with one JSON line. The claim checked: recommend's loop (scoring, leaving out seen
+items, top-k, writing) takes no longer than one evaluation pass plus its own writing.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     model.eval()
     hist, targets, _ = split.held_out("test", p.splits.max_seq_len)
     params = RecommendParams(k=args.k, batch_size=args.batch_size)
-    eval_s, loop_s, call_s = [], [], []
+    eval_s, call_s, runs = [], [], []
     with tempfile.TemporaryDirectory(prefix="recommend-speed-") as tmp:
         out = Path(tmp) / "recommendations.parquet"
         for _ in range(args.repeats):
@@ -76,25 +76,31 @@ def main(argv: list[str] | None = None) -> dict:
             t0 = time.perf_counter()
             summary = run_recommend(args.catalog, params, run, device="cpu", out=out)
             call_s.append(time.perf_counter() - t0)
-            loop_s.append(summary.counts["rank_write_s"])
+            runs.append(summary.counts)
         rows, size = pq.ParquetFile(out).metadata.num_rows, out.stat().st_size
+    best = min(runs, key=lambda c: c["loop_s"])
     result = {
-        "catalog": args.catalog, "model": args.model, "users": summary.counts["users"],
+        "catalog": args.catalog, "model": args.model, "users": best["users"],
         "test_users": len(targets), "items": split.num_items, "k": args.k, "threads": args.threads,
-        "eval_pass_s": round(min(eval_s), 3), "recommend_loop_s": round(min(loop_s), 3),
-        "recommend_call_s": round(min(call_s), 3), "rows": rows, "file_mb": round(size / 2**20, 2),
-        "users_per_s": round(summary.counts["users"] / min(loop_s), 1),
-        "peak_rss_mb": summary.counts["peak_rss_mb"],
-        "loop_vs_eval": round(min(loop_s) / min(eval_s), 2),
+        "eval_pass_s": round(min(eval_s), 3), "recommend_loop_s": best["loop_s"], "score_s": best["score_s"],
+        "select_s": best["select_s"], "write_s": best["write_s"], "recommend_call_s": round(min(call_s), 3),
+        "rows": rows, "file_mb": round(size / 2**20, 2), "users_per_s": best["users_per_s"],
+        "peak_rss_mb": max(c["peak_rss_mb"] for c in runs),
+        "loop_vs_eval_plus_write": round(best["loop_s"] / (min(eval_s) + best["write_s"]), 2),
     }
     print(f"\n{args.catalog}: {result['users']} users x {result['items']} items, {args.model} checkpoint, "
           f"{args.threads} threads, best of {args.repeats}")
-    print(f"{'what':46s} {'seconds':>8s}")
-    print(f"{'evaluation: one full-ranking pass (test users)':46s} {result['eval_pass_s']:8.3f}")
-    print(f"{'recommend: rank + top-' + str(args.k) + ' + write (every user)':46s} {result['recommend_loop_s']:8.3f}")
-    print(f"{'recommend: whole call (load, hash, rank, write)':46s} {result['recommend_call_s']:8.3f}")
-    print(f"recommend loop / evaluation pass: {result['loop_vs_eval']:.2f}x; {rows} rows, {result['file_mb']} MB; "
-          f"peak RSS {result['peak_rss_mb']} MB")
+    lines = [("evaluation: one full-ranking pass (test users)", result["eval_pass_s"]),
+             ("recommend loop, every user:", result["recommend_loop_s"]),
+             ("  scoring (the model, as in evaluation)", result["score_s"]),
+             (f"  seen items out + top-{args.k}", result["select_s"]),
+             ("  writing (Arrow batch + Parquet row group)", result["write_s"]),
+             ("recommend: whole call (load, hash, loop)", result["recommend_call_s"])]
+    print(f"{'what':48s} {'seconds':>8s}")
+    for what, secs in lines:
+        print(f"{what:48s} {secs:8.3f}")
+    print(f"recommend loop / (evaluation pass + writing): {result['loop_vs_eval_plus_write']:.2f}; {rows} rows, "
+          f"{result['file_mb']} MB; peak RSS {result['peak_rss_mb']} MB")
     print(json.dumps(result))
     return result
 
