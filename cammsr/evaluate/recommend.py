@@ -114,17 +114,21 @@ def file_sha256(path: Path) -> str:
 
 
 def check_finite(scores: torch.Tensor) -> None:
-    """Stop on a NaN or +inf score [B, N+1] (-inf is allowed: padding and excluded items)."""
-    bad = torch.isnan(scores) | torch.isposinf(scores)  # [B, N+1]
+    """Stop on a NaN or +inf score [B, N+1] (-inf is allowed: padding and excluded items).
+
+    One pass: a row max (NaN propagates through it, as in `cammsr.evaluate.metrics.target_ranks`).
+    """
+    row_max = scores.amax(dim=1)  # [B]
+    bad = torch.isnan(row_max) | torch.isposinf(row_max)
     if bad.any():
-        rows = bad.any(1).nonzero().squeeze(1)[:5].tolist()
+        rows = bad.nonzero().squeeze(1)[:5].tolist()
         raise NonFiniteScoresError(f"NaN or +inf scores for batch rows {rows}: recommendation stopped")
 
 
 def top_k(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best columns of each row of ``scores`` [B, N+1] (excluded items at -inf): scores [B, k] and
     columns [B, k], best first, equal scores by lower column (item index)."""
-    values, cols = scores.topk(min(k, scores.shape[1]), dim=1)  # [B, k] sorted descending
+    values, cols = scores.topk(min(k, scores.shape[1]), dim=1, sorted=False)  # [B, k]; ordered below
     values, cols = values.cpu().numpy(), cols.cpu().numpy()
     order = np.lexsort((cols, -values), axis=1)  # ties: lower item index first
     return np.take_along_axis(values, order, 1), np.take_along_axis(cols, order, 1)
