@@ -47,6 +47,9 @@ class CatalogParams(Section):
     reviews: str = Field(description="http(s):// or file: URL of the reviews file (plain or .gz)")
     meta: str | None = Field(default=None, description="URL of the product metadata file")
     images: bool = True
+    unreviewed_items: bool = Field(default=False, description="keep the metadata's items nobody reviewed yet "
+                                   "(encoded, and recommended from their content); false keeps reviewed items "
+                                   "only, e.g. for a full metadata dump many times the reviewed catalog")
     source_dep: str = Field(
         default="params.yaml",
         description="what DVC watches to rerun ingest: the local source dir, or the http URL of the reviews",

@@ -80,7 +80,7 @@ def run_ingest(
                 metas = SourceReader(meta_file.path, "meta", quarantine, _label(meta_file, paths))
                 notes.append(f"meta: {catalog.meta} ({metas.format or 'no valid record'})")
                 items, stats = build_items(item_ids, metas, category_level=params.category_level,
-                                           meta_url=catalog.meta)
+                                           meta_url=catalog.meta, keep_unreviewed=catalog.unreviewed_items)
                 meta_lines = lines[metas.file] = metas.lines
             else:
                 items, stats = build_items(item_ids, [], category_level=params.category_level, meta_url=None)
@@ -98,8 +98,8 @@ def run_ingest(
         ok, missing, failed = image_counts.ok, image_counts.missing, image_counts.failed
         reused, image_bytes = image_counts.reused, image_counts.bytes_downloaded
     else:
-        images = missing_images_table(item_ids)
-        ok, missing, failed, reused, image_bytes = 0, len(item_ids), 0, 0, 0
+        images = missing_images_table(items["item_id"].to_pylist())
+        ok, missing, failed, reused, image_bytes = 0, items.num_rows, 0, 0, 0
         notes.append("images: false in the catalog, every item's image is 'missing'")
     write_parquet_atomic(paths.images_table, images)
     paths.images_dir.mkdir(parents=True, exist_ok=True)  # a declared DVC out, even when no image exists
@@ -113,6 +113,7 @@ def run_ingest(
             "duplicates_dropped": interactions.duplicates,
             "users": interactions.users,
             "items": items.num_rows,
+            "unreviewed_items": items.num_rows - len(item_ids),
             "items_without_meta": stats.items_without_meta,
             "meta_lines": meta_lines,
             "meta_unused": stats.meta_unused,

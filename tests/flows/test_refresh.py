@@ -24,7 +24,7 @@ def mini(tmp_path_factory):
                                             seed=3))
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["catalogs"] = {"mini": {"reviews": f"file:{SOURCE}/reviews_Demo_5.json.gz", "meta": f"file:{META}",
-                                   "images": True, "source_dep": SOURCE}}
+                                   "images": True, "source_dep": SOURCE, "unreviewed_items": True}}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return root
 

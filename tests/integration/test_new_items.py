@@ -2,7 +2,7 @@
 
 The copy's demo catalog reads a source folder of its own (``data/sources/edited``), to which one product
 is added by hand, as a catalog's metadata grows between two refreshes: a new asin with a title, categories
-and an image, and no reviews.
+and an image, and no reviews (the catalog keeps unreviewed items: ``unreviewed_items: true``).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def test_repro_after_adding_an_item_encodes_and_recommends_it_without_retraining
     overrides["recommend"] = {"k": 500, "exclude_seen": False}  # every ranked item in every list
     overrides["catalogs"] = {
         "demo": {"reviews": f"file:{SOURCE}/reviews_Demo_5.json.gz", "meta": f"file:{SOURCE}/{META_FILE}",
-                 "source_dep": SOURCE}
+                 "source_dep": SOURCE, "unreviewed_items": True}
     }  # fmt: skip
     root = make_project_copy(tmp_path / "proj", overrides)
     generate_demo(root / SOURCE, DemoParams(**TINY["demo"]))
