@@ -92,7 +92,8 @@ def test_one_changed_item_encodes_one_item(refreshes):
     assert s["ingest"]["skipped"] is False
     assert s["encode_text"]["counts"]["encoded"] == 1
     assert s["encode_text"]["counts"]["reused"] == _by_stage(first)["encode_text"]["counts"]["encoded"] - 1
-    assert s["encode_image"]["skipped"] is True  # images.parquet unchanged: DVC says up to date
+    # the images did not change: encode_image (which also reads items.parquet) reruns and encodes nothing
+    assert s["encode_image"]["skipped"] is True or s["encode_image"]["counts"]["encoded"] == 0
 
 
 def test_unchanged_sources_skip_features_and_downstream_runs_when_asked(refreshes, mini):
