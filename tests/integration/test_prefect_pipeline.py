@@ -9,7 +9,8 @@ import pytest
 
 from tests.integration.conftest import dvc, make_project_copy
 
-STAGES = ["demo_source", "ingest", "encode_text", "encode_image", "split", "train", "evaluate"]
+STAGES = ["demo_source", "ingest", "encode_text", "encode_image", "split", "split_features", "train", "evaluate",
+          "recommend"]
 
 
 @pytest.fixture(scope="module")
