@@ -191,6 +191,7 @@ def run_cold_items(name: str, params: Params, paths: CatalogPaths, seeds: list[i
             runs.setdefault(variant, []).append(run_cold_variant(
                 name, variant, seed, params, paths, cold, key, paths.root / "experiments" / "cold-items", overrides))
     train = params.train.model_copy(update=overrides or {})
+    catalog = params.catalog(name)
     extra = f" --epochs {overrides['epochs']}" if overrides and "epochs" in overrides else ""
     command = (f"cammsr experiments --catalog {name} --cold-items {fraction} --cold-seed {cold_seed} "
                f"--seeds {','.join(map(str, seeds))}" + "".join(f" --variant '{v}'" for v in variants) + extra)
@@ -209,7 +210,10 @@ def run_cold_items(name: str, params: Params, paths: CatalogPaths, seeds: list[i
         f"{train.patience}, at most {train.epochs} epochs; item-ID dropout {train.id_dropout} unless the "
         f"variant sets it. Text features: {_source(params, name, 'text')}; image features: "
         f"{_source(params, name, 'image')}.", "",
-        f"Reproduce: `{command}` ({time.perf_counter() - t0:.0f} s for the runs not already cached).", "",
+        f"Catalog `{name}`: reviews `{catalog.reviews}`, metadata `{catalog.meta}`; split "
+        f"{params.splits.user_core}/{params.splits.item_core}-core, {len(cold.full.user_ids)} users. "
+        f"Reproduce (after `dvc repro split_features@{name}`): `{command}` "
+        f"({time.perf_counter() - t0:.0f} s for the runs not already cached).", "",
         cold_table(runs, popularity), "",
     ])
     with atomic_path(out, suffix=".md") as tmp:
