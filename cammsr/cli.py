@@ -102,6 +102,12 @@ def split(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml"), no_
     console.print(_run("split", catalog, params_path, no_wait).line())
 
 
+@app.command("split-features")
+def split_features(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml")) -> None:
+    """Cut each feature store to the split's items (what train and evaluate read)."""
+    console.print(_run("split_features", catalog, params_path).line())
+
+
 @app.command()
 def train(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml"),
           resume: Annotated[bool, typer.Option(help="continue from models/last.pt")] = False,
@@ -121,6 +127,26 @@ def evaluate(catalog: CatalogOpt, params_path: ParamsOpt = Path("params.yaml"), 
 
 
 @app.command()
+def recommend(
+    catalog: CatalogOpt,
+    k: Annotated[int | None, typer.Option("--k", help="items per user (default recommend.k)")] = None,
+    users: Annotated[Path | None, typer.Option(help="only these users: a text file, one id per line, or a "
+                                              "Parquet/CSV file with a user_id column")] = None,
+    out: Annotated[Path | None, typer.Option(help="output Parquet (default data/NAME/recommendations.parquet)")]
+    = None,
+    params_path: ParamsOpt = Path("params.yaml"),
+) -> None:
+    """Top-k items of every user from the trained model, new items ranked from their content."""
+    options = {key: value for key, value in (("k", k), ("users", users), ("out", out)) if value is not None}
+    try:
+        summary = _run("recommend", catalog, params_path, **options)
+    except (FileNotFoundError, ValueError) as exc:
+        console.print(f"[red]recommend[{catalog}]: {exc}")
+        raise typer.Exit(2) from exc
+    console.print(summary.line(), markup=False)
+
+
+@app.command()
 def experiments(
     catalog: CatalogOpt,
     seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1,2",
@@ -130,21 +156,40 @@ def experiments(
     epochs: Annotated[int | None, typer.Option(help="override train.epochs for every run")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="override a train param for every run, "
                                                    "e.g. --set lr=0.002 (repeatable)")] = None,
+    cold_items: Annotated[float | None, typer.Option(
+        "--cold-items", help="instead: the cold-item study, holding this fraction of the items out of training "
+                             "(default variants CAMMSR and SASRec; report reports/NAME-cold-items.md)")] = None,
+    cold_seed: Annotated[int, typer.Option(help="seed of the cold-item draw (the same items for every run)")] = 0,
     params_path: ParamsOpt = Path("params.yaml"),
 ) -> None:
-    """Run the paper's study (CAMMSR, SASRec, ablations, category noise) over seeds; write a markdown table."""
+    """Run the paper's study (CAMMSR, SASRec, ablations, category noise) over seeds; write a markdown table.
+
+    With --cold-items: hold a fraction of the items out of training and report HR/NDCG@10 on the test
+    targets that are cold items (CAMMSR ranks them from their content) beside SASRec and most-popular."""
     from cammsr.train.experiments import VARIANTS, run_experiments, train_overrides
 
     p = _load(params_path)
     paths = _paths(p, catalog)
-    if not (paths.splits_dir / "sequences.parquet").exists():
-        console.print(f"[red]{paths.splits_dir} has no split: run `dvc repro train@{catalog}` first")
+    if not (paths.splits_dir / "sequences.parquet").exists() or not paths.split_features_dir.exists():
+        console.print(f"[red]{paths.splits_dir} or {paths.split_features_dir} is missing: "
+                      f"run `dvc repro train@{catalog}` first")
         raise typer.Exit(2)
+    seed_list = [int(s) for s in seeds.split(",")]
     overrides = train_overrides(set_ or [], p.train)
     if epochs:
         overrides["epochs"] = epochs
-    text = run_experiments(catalog, p, paths, [int(s) for s in seeds.split(",")], variant or list(VARIANTS),
-                           out or Path("reports") / f"{catalog}-experiments.md", overrides=overrides or None)
+    if cold_items is not None:
+        from cammsr.train.cold import DEFAULT_VARIANTS, run_cold_items
+
+        try:
+            text = run_cold_items(catalog, p, paths, seed_list, variant or DEFAULT_VARIANTS, cold_items, cold_seed,
+                                  out or Path("reports") / f"{catalog}-cold-items.md", overrides=overrides or None)
+        except ValueError as exc:
+            console.print(f"[red]{exc}")
+            raise typer.Exit(2) from exc
+    else:
+        text = run_experiments(catalog, p, paths, seed_list, variant or list(VARIANTS),
+                               out or Path("reports") / f"{catalog}-experiments.md", overrides=overrides or None)
     console.print(text, markup=False)
 
 
@@ -217,14 +262,27 @@ def dvc_yaml(check: Annotated[bool, typer.Option("--check", help="only compare; 
 
 @app.command()
 def demo(params_path: ParamsOpt = Path("params.yaml")) -> None:
-    """Run the whole DAG on the demo catalog with `dvc repro`, then print its metrics table."""
+    """Run the whole DAG on the demo catalog with `dvc repro` (through evaluate and recommend), then print
+    its metrics table, the recommend summary and three example users."""
+    import json
+
+    from cammsr.evaluate.report import example_users, examples_table
+
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            # the DVC stages call `cammsr`: make sure it is this interpreter's
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    rc = subprocess.call([sys.executable, "-m", "dvc", "repro", "evaluate@demo"], env=env)
+    rc = subprocess.call([sys.executable, "-m", "dvc", "repro", "evaluate@demo", "recommend@demo"], env=env)
     if rc:
         raise typer.Exit(rc)
     report(catalog=["demo"], params_path=params_path)
+    paths = _paths(_load(params_path), "demo")
+    raw = json.loads(paths.summary("recommend").read_text())  # its keys come back sorted: users first again
+    counts = {k: raw["counts"][k] for k in ("users", "users_per_s", "peak_rss_mb") if k in raw["counts"]}
+    counts |= {k: v for k, v in raw["counts"].items() if k not in counts}
+    console.print(StageSummary(raw["stage"], raw["catalog"], counts, raw["seconds"]).line(), markup=False)
+    for note in raw.get("notes", []):
+        console.print(f"  {note}", markup=False)
+    console.print(examples_table("demo", example_users(paths)))
 
 
 # --- orchestration commands ---

@@ -55,6 +55,9 @@ class CatalogParams(Section):
     reviews: str = Field(description="http(s):// or file: URL of the reviews file (plain or .gz)")
     meta: str | None = Field(default=None, description="URL of the product metadata file")
     images: bool = True
+    unreviewed_items: bool = Field(default=False, description="keep the metadata's items nobody reviewed yet "
+                                   "(encoded, and recommended from their content); false keeps reviewed items "
+                                   "only, e.g. for a full metadata dump many times the reviewed catalog")
     source_dep: str = Field(
         default="params.yaml",
         description="what DVC watches to rerun ingest: the local source dir, or the http URL of the reviews",
@@ -149,6 +152,7 @@ class FeatureParams(Section):
 class OrchestrationParams(Section):
     refresh_cron: str = "0 3 * * *"
     refresh_downstream: bool = False
+    refresh_recommend: bool = False
     task_runner: Literal["threads", "dask", "ray"] = "threads"
     dask_address: str | None = None
     dask_workers: int = Field(default=2, ge=1)
@@ -200,6 +204,8 @@ class TrainParams(Section):
     category_noise: float = Field(default=0.0, ge=0, le=1)
     feature_norm: Literal["none", "center_l2"] = "center_l2"
     num_threads: int = Field(default=0, ge=0, description="torch threads; 0 leaves torch's default")
+    id_dropout: float = Field(default=0.0, ge=0, lt=1, description="fraction of item IDs replaced by the "
+                              "learned unknown-ID vector at each step (trains it for items added after training)")
 
 
 class EvaluateParams(Section):
@@ -215,6 +221,14 @@ class EvaluateParams(Section):
         return sorted(set(ks))
 
 
+class RecommendParams(Section):
+    k: int = Field(default=20, ge=1, le=32767, description="items per user (rank is an int16)")
+    exclude_seen: bool = True
+    include_new_items: bool = Field(default=True, description="rank catalog items the model was not trained "
+                                    "on from their content (multimodal checkpoints)")
+    batch_size: int = Field(default=1024, ge=1)
+
+
 class Params(Section):
     project: ProjectParams = ProjectParams()
     catalogs: dict[str, CatalogParams]
@@ -224,6 +238,7 @@ class Params(Section):
     splits: SplitParams = SplitParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    recommend: RecommendParams = RecommendParams()
     orchestration: OrchestrationParams = OrchestrationParams()
 
     @field_validator("catalogs")

@@ -127,6 +127,19 @@ class CatalogPaths:
     def splits_dir(self) -> Path:
         return self.root / "splits"
 
+    @property
+    def split_features_dir(self) -> Path:
+        """Each feature store cut to the split's items (``text.parquet``, ``image.parquet``): what train and
+        evaluate read, so an item added to the catalog does not make their inputs change."""
+        return self.root / "split_features"
+
+    def split_features(self, modality: str) -> Path:
+        return self.split_features_dir / f"{modality}.parquet"
+
+    def feature_store(self, modality: str) -> Path:
+        """The whole feature store of ``modality`` (``text`` or ``image``), every catalog item."""
+        return self.features_dir / f"{modality}.parquet"
+
     # train / evaluate
     @property
     def models_dir(self) -> Path:
@@ -157,6 +170,11 @@ class CatalogPaths:
     @property
     def eval_dir(self) -> Path:
         return self._out / "eval"
+
+    @property
+    def recommendations(self) -> Path:
+        """Top-k items per user of the trained model (the recommend stage)."""
+        return self._out / "recommendations.parquet"
 
     def summary(self, stage: str) -> Path:
         """The JSON summary a stage writes next to its outputs (rows in/out, seconds...)."""

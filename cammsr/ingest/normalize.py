@@ -161,7 +161,8 @@ def category_label(categories: Sequence[str], level: int) -> str:
 
 
 def build_items(
-    item_ids: Sequence[str], metas: Iterable[ItemMeta], *, category_level: int, meta_url: str | None
+    item_ids: Sequence[str], metas: Iterable[ItemMeta], *, category_level: int, meta_url: str | None,
+    keep_unreviewed: bool = False,
 ) -> tuple[pa.Table, ItemsStats]:
     """One row per reviewed item (in ``item_ids`` order), filled from ``metas`` where described.
 
@@ -170,16 +171,23 @@ def build_items(
         metas: parsed metadata records (streamed; only reviewed items are kept, as Arrow batches).
         category_level: index into the category path used as the label.
         meta_url: the metadata file's URL; relative image URLs are resolved against it.
+        keep_unreviewed: also keep the described items nobody reviewed (yet), after the reviewed ones in
+            metadata order: they get features and can be recommended from their content.
     """
     wanted = set(item_ids)
     row_of: dict[str, int] = {}  # item -> its row among the described items, in metadata order
     columns: dict[str, list] = {name: [] for name in ITEMS_SCHEMA.names}
     batches: list[pa.RecordBatch] = []  # described items as Arrow: compact, unlike ItemMeta objects
+    unreviewed: list[str] = []  # kept items nobody reviewed, in metadata order
     unused = duplicates = 0
     for meta in metas:
         if meta.item_id not in wanted:
-            unused += 1
-            continue
+            if meta.item_id not in row_of:
+                unused += 1
+            if not keep_unreviewed:
+                continue
+            if meta.item_id not in row_of:
+                unreviewed.append(meta.item_id)
         if meta.item_id in row_of:
             duplicates += 1
             continue
@@ -198,12 +206,13 @@ def build_items(
     batches.append(_drain(columns, ITEMS_SCHEMA))
     described = pa.Table.from_batches(batches, schema=ITEMS_SCHEMA)
     batches.clear()
-    rows = described.take(pa.array([row_of.get(item_id) for item_id in item_ids], pa.int64()))  # null: no meta
+    order = [*item_ids, *unreviewed]
+    rows = described.take(pa.array([row_of.get(item_id) for item_id in order], pa.int64()))  # null: no meta
     del described
     table = pa.Table.from_arrays([
-        pa.array(item_ids, pa.string()), rows["title"], rows["description"], rows["brand"],
+        pa.array(order, pa.string()), rows["title"], rows["description"], rows["brand"],
         pc.fill_null(rows["categories"], pa.scalar([], ITEMS_SCHEMA.field("categories").type)),
         pc.fill_null(rows["category"], UNKNOWN_CATEGORY), rows["image_url"],
     ], schema=ITEMS_SCHEMA)
-    stats = ItemsStats(len(item_ids) - len(row_of), unused, duplicates)
+    stats = ItemsStats(len(item_ids) - (len(row_of) - len(unreviewed)), unused, duplicates)
     return table, stats

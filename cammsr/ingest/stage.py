@@ -107,7 +107,7 @@ def _ingest(name: str, catalog: CatalogParams, params: IngestParams, paths: Cata
                 metas = SourceReader(meta_file.path, "meta", quarantine, _label(meta_file, paths), source=catalog.meta)
                 notes.append(f"meta: {catalog.meta} ({metas.format or 'no valid record'})")
                 items, stats = build_items(item_ids, metas, category_level=params.category_level,
-                                           meta_url=catalog.meta)
+                                           meta_url=catalog.meta, keep_unreviewed=catalog.unreviewed_items)
                 meta_lines = lines[metas.file] = metas.lines
             else:
                 items, stats = build_items(item_ids, [], category_level=params.category_level, meta_url=None)
@@ -132,8 +132,8 @@ def _ingest(name: str, catalog: CatalogParams, params: IngestParams, paths: Cata
             if refused:
                 notes.append(f"{refused} image URLs refused: only http(s), or files in the local metadata's folder")
         else:
-            images = missing_images_table(item_ids)
-            ok, missing, failed, reused, image_bytes = 0, len(item_ids), 0, 0, 0
+            images = missing_images_table(items["item_id"].to_pylist())
+            ok, missing, failed, reused, image_bytes = 0, items.num_rows, 0, 0, 0
             notes.append("images: false in the catalog, every item's image is 'missing'")
         pq.write_table(images, staged_images, compression="zstd")
     removed = remove_unreferenced(paths.root, images)  # after the new table is in place
@@ -150,6 +150,7 @@ def _ingest(name: str, catalog: CatalogParams, params: IngestParams, paths: Cata
             "duplicates_dropped": interactions.duplicates,
             "users": interactions.users,
             "items": items.num_rows,
+            "unreviewed_items": items.num_rows - len(item_ids),
             "items_without_meta": stats.items_without_meta,
             "meta_lines": meta_lines,
             "meta_unused": stats.meta_unused,

@@ -79,6 +79,9 @@ class ModelConfig:
     shared_encoder: bool = True  # False: one Transformer per modality (HM4SR-style)
     category_loss: str = "ce"  # "ce": single label; "bce": multi-hot over the item's category path tokens
     num_path_tokens: int = 0  # T, category path tokens (for "bce")
+    # Unknown item IDs (see `CAMMSR.id_rows`): the fraction of items whose ID row is replaced by the learned
+    # unknown vector at each training step; 0 leaves the vector untrained (zeros).
+    id_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for key, allowed in CHOICES.items():
@@ -95,6 +98,8 @@ class ModelConfig:
         if self.category_loss == "bce" and self.category_guidance and self.num_experts > 0 \
                 and self.num_path_tokens < 1:
             raise ValueError("ModelConfig: category_loss 'bce' needs num_path_tokens >= 1 (the split's path tokens)")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"ModelConfig.id_dropout: expected a value in [0, 1), found {self.id_dropout!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"ModelConfig: hidden_size {self.hidden_size} is not divisible by "
                              f"num_heads {self.num_heads}")
@@ -282,6 +287,15 @@ class CAMMSR(nn.Module):
                 self._pca_basis(basis, self.frozen[m].features[self.frozen[m].present])
                 self.frozen[m].register_buffer("score_basis", basis)
 
+        # Unknown item IDs (`id_rows`): one learned vector stands in for the ID embedding of every item
+        # without training interactions (items added after training, the cold-item study) and, with
+        # id_dropout, of a random fraction of the items at each training step, which is what trains it.
+        # Created after the initialisation above (zeros, no random draw), so the other weights are unchanged.
+        if "id" in self.mods:
+            self.missing["id"] = nn.Parameter(torch.zeros(d))  # [d]
+            self.register_buffer("id_unknown", torch.zeros(n, dtype=torch.bool), persistent=False)  # [N+1]
+        self._id_dropped: torch.Tensor | None = None  # [N+1] this training step's dropped IDs (`drop_ids`)
+
     @staticmethod
     def _init(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -315,7 +329,7 @@ class CAMMSR(nn.Module):
     def item_table(self, m: str, idx: torch.Tensor | None = None) -> torch.Tensor:
         """e_m for items ``idx`` (LongTensor [...]): [..., d]; without ``idx`` for all items: [N+1, d]."""
         if m == "id":
-            return self.id_emb.weight if idx is None else self.id_emb(idx)
+            return self.id_rows(idx)
         feats, present = self.frozen[m].features, self.frozen[m].present  # [N+1, D_m], [N+1]
         if idx is not None:
             feats, present = feats[idx], present[idx]  # [..., D_m], [...]
@@ -511,6 +525,7 @@ class CAMMSR(nn.Module):
         """
         check_seq(seq, self.cfg.max_seq_len)
         check_targets(targets, seq)
+        self.drop_ids()  # item-ID dropout for this step (unknown item IDs)
         out = self.encode_views(seq)
         pos = targets > 0  # [B, L]
         z = self.drop_modalities(out.z)[:, pos]  # [M, P, d]
@@ -568,6 +583,46 @@ class CAMMSR(nn.Module):
             return bce / max(M * len(items), 1)
         cat = self.item_category[items].clamp(min=0)  # [U']
         return F.cross_entropy(logits.flatten(0, 1), cat.repeat(M))
+    # ---- unknown item IDs ----------------------------------------------------------------------
+    def id_rows(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """e_id of items ``idx`` (LongTensor [...]): [..., d]; without ``idx`` for all items: [N+1, d].
+
+        The ID embedding, or the learned unknown vector ``missing["id"]`` for the items marked unknown
+        (`mark_unknown_ids`) and, in training, for this step's dropped IDs (`drop_ids`). Applied to every
+        row, marked or not, so the vector always takes part in the graph (DDP needs every parameter used).
+        """
+        e = self.id_emb.weight if idx is None else self.id_emb(idx)  # [N+1 or ..., d]
+        unknown = self.id_unknown  # [N+1]
+        if self.training and self._id_dropped is not None:
+            unknown = unknown | self._id_dropped  # [N+1]
+        if idx is not None:
+            unknown = unknown[idx]  # [...]
+        return torch.where(unknown[..., None], self.missing["id"], e)  # [..., d]
+
+    def mark_unknown_ids(self, unknown: torch.Tensor) -> None:
+        """Score and encode the items where ``unknown`` (BoolTensor [N+1]) is True with the unknown ID vector.
+
+        For items the model has no trained ID row for: added to the item table after training (serving),
+        or held out of training (the cold-item study). Row 0 (padding) is never unknown. A model without
+        the ID modality has nothing to replace: a no-op.
+        """
+        if "id" not in self.mods:
+            return
+        check_table("unknown", unknown, self.cfg.num_items + 1)
+        self.id_unknown.copy_(unknown.to(self.id_unknown.device, torch.bool))
+        self.id_unknown[0] = False
+
+    def drop_ids(self) -> None:
+        """Draw this training step's item-ID dropout: each real item's ID row is replaced by the unknown
+        vector with probability ``id_dropout``, in the sequences and in the score table alike, so the model
+        learns to encode and to rank an item from its content with the unknown vector in place of its ID.
+        Draws nothing (and changes no random state) when off.
+        """
+        self._id_dropped = None
+        if self.training and self.cfg.id_dropout > 0 and "id" in self.mods:
+            drop = torch.rand(self.cfg.num_items + 1, device=self.id_unknown.device) < self.cfg.id_dropout  # [N+1]
+            drop[0] = False
+            self._id_dropped = drop
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

@@ -146,6 +146,20 @@ def test_images_off_and_no_meta(tmp_path: Path) -> None:
     assert set(pq.read_table(paths.items)["category"].to_pylist()) == {"unknown"}
 
 
+def test_unreviewed_items_join_the_catalog_when_asked(tmp_path: Path) -> None:
+    build_catalog(tmp_path)
+    catalog = CatalogParams(reviews=REVIEWS_URL, meta=META_URL, images=False, unreviewed_items=True)
+    paths = CatalogPaths.of("t", tmp_path / "data")
+    summary = run_ingest("t", catalog, IngestParams(max_quarantine_fraction=0.2), paths, root=tmp_path,
+                         policy=FAST)
+    items = pq.read_table(paths.items)
+    assert items["item_id"].to_pylist() == ["I2", "I1", "I3", "I4", "I9"]
+    assert items["title"].to_pylist()[-1] == "Nobody reviewed me"
+    assert pq.read_table(paths.images_table)["item_id"].to_pylist() == items["item_id"].to_pylist()
+    assert (summary.counts["items"], summary.counts["unreviewed_items"], summary.counts["meta_unused"]) == (5, 1, 1)
+    assert pq.read_table(paths.interactions)["item_id"].to_pylist() == ["I2", "I1", "I1", "I3", "I4"]
+
+
 def test_end_to_end_over_http_with_2023_files(httpserver: HTTPServer, tmp_path: Path) -> None:
     reviews = [{"user_id": "a", "parent_asin": "P1", "rating": 5.0, "timestamp": 1_500_000_000_123},
                {"user_id": "b", "parent_asin": "P2", "rating": 4.0, "timestamp": 1_500_000_001_000}]
