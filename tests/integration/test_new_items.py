@@ -7,16 +7,16 @@ and an image, and no reviews (the catalog keeps unreviewed items: ``unreviewed_i
 
 from __future__ import annotations
 
-import copy
 import gzip
 import json
 
 import numpy as np
 import polars as pl
+import pytest
 
 from cammsr.core.config import DemoParams
 from demo.generate import META_FILE, generate_demo
-from tests.integration.conftest import TINY, dvc, make_project_copy
+from tests.integration.conftest import TINY, dvc, make_project_copy, tiny_params
 
 SOURCE = "data/sources/edited"
 TARGETS = ("evaluate@demo", "recommend@demo")
@@ -35,15 +35,15 @@ def _add_product(meta_path, asin: str) -> None:
     meta_path.write_bytes(gzip.compress(("\n".join([*lines, json.dumps(record)]) + "\n").encode("utf-8")))
 
 
+@pytest.mark.slow  # two `dvc repro` runs of the whole DAG
 def test_repro_after_adding_an_item_encodes_and_recommends_it_without_retraining(tmp_path):
-    overrides = copy.deepcopy(TINY)
-    overrides["features"]["image"]["model"] = "ViT-S-32"  # a quarter of ViT-B-32's work; same code path
-    overrides["recommend"] = {"k": 500, "exclude_seen": False}  # every ranked item in every list
-    overrides["catalogs"] = {
-        "demo": {"reviews": f"file:{SOURCE}/reviews_Demo_5.json.gz", "meta": f"file:{SOURCE}/{META_FILE}",
-                 "source_dep": SOURCE, "unreviewed_items": True}
-    }  # fmt: skip
-    root = make_project_copy(tmp_path / "proj", overrides)
+    overrides = {
+        "features": {"image": {"model": "ViT-S-32"}},  # a quarter of ViT-B-32's work; same code path
+        "recommend": {"k": 500, "exclude_seen": False},  # every ranked item in every list
+    }
+    catalogs = {"demo": {"reviews": f"file:{SOURCE}/reviews_Demo_5.json.gz", "meta": f"file:{SOURCE}/{META_FILE}",
+                         "source_dep": SOURCE, "unreviewed_items": True}}
+    root = make_project_copy(tmp_path / "proj", tiny_params(catalogs, overrides))
     generate_demo(root / SOURCE, DemoParams(**TINY["demo"]))
 
     first = dvc(root, "repro", *TARGETS)

@@ -107,7 +107,8 @@ def test_end_to_end_on_file_urls(tmp_path: Path) -> None:
     counts = summary.counts
     assert counts == {
         "reviews_lines": 7, "interactions": 5, "duplicates_dropped": 1, "users": 3, "items": 4,
-        "items_without_meta": 1, "meta_lines": 5, "meta_unused": 1, "meta_duplicates": 1, "quarantined": 1,
+        "unreviewed_items": 0, "items_without_meta": 1, "meta_lines": 5, "meta_unused": 1, "meta_duplicates": 1,
+        "quarantined": 1,
         "quarantined_by_file": {reviews_file: 1, f"raw/{raw_name(META_URL)}": 0}, "out_of_window": 0,
         "images_ok": 1, "images_missing": 2, "images_failed": 1, "images_refused": 0, "images_reused": 0,
         "bytes_downloaded": raw_bytes + len(png()) + len(b"\xff\xd8\xff\xe0 truncated jpeg"),
