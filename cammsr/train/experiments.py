@@ -125,6 +125,27 @@ def comparison_table(results: list[RunResult], reference: str = "CAMMSR", masked
     return "\n".join(lines)
 
 
+def verdict(results: list[RunResult], model: str = "CAMMSR", baselines: tuple[str, ...] = ("SASRec",)) -> list[str]:
+    """One line per baseline run beside ``model``: relative test NDCG@10 difference and whether the
+    difference of the means exceeds the sum of their standard deviations (over seeds)."""
+    def stats(variant: str) -> tuple[float, float] | None:
+        vals = np.array([r.test["ndcg@10"] for r in results if r.variant == variant], dtype=float)
+        if len(vals) == 0:
+            return None
+        return float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+
+    ours, lines = stats(model), []
+    for base in baselines:
+        other = stats(base)
+        if ours is None or other is None or other[0] == 0:
+            continue
+        diff, noise = ours[0] - other[0], ours[1] + other[1]
+        where = "beyond" if abs(diff) > noise else "within"
+        lines.append(f"- {model} vs {base}: test NDCG@10 {ours[0]:.4f} vs {other[0]:.4f}, "
+                     f"{100 * diff / other[0]:+.1f}% ({diff:+.4f}, {where} the sum of their stds {noise:.4f}).")
+    return lines
+
+
 def train_overrides(assignments: list[str], train: TrainParams) -> dict[str, object]:
     """``["lr=0.002", "use_text=false"]`` -> typed overrides of the train section (validated against it).
 
@@ -175,6 +196,7 @@ def run_experiments(name: str, params: Params, paths: CatalogPaths, seeds: list[
         f"Reproduce: `cammsr experiments --catalog {name} --seeds {','.join(map(str, seeds))}"
         f"{''.join(f' --variant {v!r}' for v in variants) if variants != list(VARIANTS) else ''}{extra}` "
         f"({time.perf_counter() - t0:.0f} s for the runs not already cached).", "",
+        *verdict(results, baselines=tuple(v for v in variants if v.startswith("SASRec"))), "",
         table, "",
     ])
     with atomic_path(out, suffix=".md") as tmp:

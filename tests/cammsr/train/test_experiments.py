@@ -3,7 +3,7 @@ import pytest
 from cammsr.core.config import Params, SplitParams
 from cammsr.data.splits import run_split
 from cammsr.train import experiments
-from cammsr.train.experiments import METRICS, RunResult, comparison_table, run_experiments
+from cammsr.train.experiments import METRICS, RunResult, comparison_table, run_experiments, verdict
 
 
 def _result(variant, seed, ndcg):
@@ -16,6 +16,17 @@ def test_table_mean_std_and_relative_difference():
     rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines()[2:]}
     assert "0.3500 ± 0.0707" in rows["CAMMSR"] and "reference" in rows["CAMMSR"]
     assert "0.2100 ± 0.0141" in rows["SASRec"] and "-40.0%" in rows["SASRec"]
+
+
+def test_verdict_compares_the_difference_with_the_sum_of_stds():
+    # CAMMSR 0.35 ± 0.0707, SASRec 0.21 ± 0.0141: +0.14 = +66.7%, beyond 0.0849; B 0.30 ± 0.1414: within 0.2121
+    results = [_result("CAMMSR", 0, 0.30), _result("CAMMSR", 1, 0.40), _result("SASRec", 0, 0.20),
+               _result("SASRec", 1, 0.22), _result("B", 0, 0.20), _result("B", 1, 0.40)]
+    lines = verdict(results, baselines=("SASRec", "B", "absent"))
+    assert lines == [
+        "- CAMMSR vs SASRec: test NDCG@10 0.3500 vs 0.2100, +66.7% (+0.1400, beyond the sum of their stds 0.0849).",
+        "- CAMMSR vs B: test NDCG@10 0.3500 vs 0.3000, +16.7% (+0.0500, within the sum of their stds 0.2121).",
+    ]
 
 
 def test_run_experiments_smoke(tiny_catalog, tmp_path, monkeypatch):
