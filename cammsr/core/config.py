@@ -189,8 +189,8 @@ class TrainParams(Section):
     score_scale: Literal["none", "learned"] = "none"
     score_refined: bool = False
     feature_init: Literal["normal", "pca"] = "normal"
-    modality_dropout: float = Field(default=0.0, ge=0, lt=1)
-    content_table: Literal["learned", "frozen"] = "learned"
+    modality_dropout: float = Field(default=0.3, ge=0, lt=1)
+    content_table: Literal["learned", "frozen"] = "frozen"
     shared_encoder: bool = True
     category_loss: Literal["ce", "bce"] = "ce"
     lambda_cat: float = Field(default=0.1, ge=0)

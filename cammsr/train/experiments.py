@@ -33,12 +33,16 @@ log = logging.getLogger(__name__)
 VARIANTS: dict[str, dict[str, object]] = {
     "CAMMSR": {},
     "SASRec": {"model": "sasrec"},
+    # SASRec at its own validation-best lr and dropout (the same search as CAMMSR's; docs/DEPARTURES.md)
+    "SASRec, tuned": {"model": "sasrec", "lr": 5e-4, "dropout": 0.3},
     "w/o category guidance": {"category_guidance": False},
     "w/o swap-CL": {"swap_cl": False},
     "LayerNorm instead of DyT": {"norm": "layernorm"},
     "text-only": {"use_id": False, "use_image": False},
     "image-only": {"use_id": False, "use_text": False},
     "ID-only": {"use_text": False, "use_image": False},
+    "learned content table": {"content_table": "learned"},
+    "w/o modality dropout": {"modality_dropout": 0.0},
     "category noise 10%": {"category_noise": 0.1},
     "category noise 20%": {"category_noise": 0.2},
     "item-ID dropout 0.1": {"id_dropout": 0.1},  # trains the unknown-ID vector (new and cold items)

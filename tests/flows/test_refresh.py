@@ -20,7 +20,7 @@ META = f"{SOURCE}/meta_Demo.json.gz"
 def mini(tmp_path_factory):
     """A tiny project whose one catalog reads plain files (not the generated demo, which a refresh regenerates)."""
     catalogs = {"mini": {"reviews": f"file:{SOURCE}/reviews_Demo_5.json.gz", "meta": f"file:{META}",
-                         "images": True, "source_dep": SOURCE}}
+                         "images": True, "source_dep": SOURCE, "unreviewed_items": True}}
     root = make_project_copy(tmp_path_factory.mktemp("refresh"), tiny_params(catalogs))
     generate_demo(root / SOURCE, DemoParams(**TINY["demo"]))
     return root
