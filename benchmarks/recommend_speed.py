@@ -1,6 +1,6 @@
 """recommend for every user vs one full-ranking evaluation pass, on one checkpoint, side by side.
 
-    python -m benchmarks.recommend_speed --catalog toys --params data/bench/params.yaml [--epochs 1] [--repeats 3]
+    python -m benchmarks.recommend_speed --catalog toys [--params FILE] [--epochs 1] [--repeats 3]
 
 On the catalog's split (ingested and split first when missing, as `benchmarks.vs_recbole` does), with the
 checkpoint of a short training run (``--epochs``; the timing does not depend on how well it is trained), it
@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import torch
 
-from benchmarks.vs_recbole import prepare
+from benchmarks.vs_recbole import BENCH, prepare, scratch_params
 from cammsr.core.config import RecommendParams, load_params
 from cammsr.core.malloc import tune_glibc_malloc
 from cammsr.data.split_features import run_split_features
@@ -41,7 +41,9 @@ from cammsr.train.trainer import run_train
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--catalog", default="toys")
-    ap.add_argument("--params", type=Path, default=Path("data/bench/params.yaml"))
+    ap.add_argument("--params", type=Path, default=None,
+                    help="params file defining the catalog (default: the repo's params + a built-in shared catalog, "
+                         "as benchmarks.vs_recbole builds it)")
     ap.add_argument("--epochs", type=int, default=1, help="training epochs of the timed checkpoint")
     ap.add_argument("--model", default="sasrec", choices=["sasrec", "cammsr"])
     ap.add_argument("--k", type=int, default=20)
@@ -52,6 +54,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(args.threads)
     tune_glibc_malloc()
+    if args.params is None:
+        args.params = scratch_params(BENCH / f"params-{args.catalog}.yaml", args.catalog)
     p = load_params(args.params)
     paths = prepare(args.catalog, args.params)
     run_split_features(args.catalog, paths)
