@@ -40,7 +40,7 @@ def config_from_params(train: TrainParams, split: SplitData, split_params: Split
         norm=train.norm, dyt_scope=train.dyt_scope, dyt_alpha_init=train.dyt_alpha_init,
         weight_temperature=train.weight_temperature, score_scale=train.score_scale,
         shared_encoder=train.shared_encoder, category_loss=train.category_loss,
-        num_path_tokens=len(split.path_tokens or []),
+        num_path_tokens=len(split.path_tokens or []), fast_dropout=train.fast_dropout,
     )
     return cfg.sasrec() if train.model == "sasrec" else cfg
 
