@@ -63,17 +63,18 @@ def bf16_matmul_supported(device: torch.device) -> bool:
     return False
 
 
-def resolve_precision(pref: str, device: torch.device) -> torch.dtype:
+def resolve_precision(pref: str, device: torch.device, auto_on: tuple[str, ...] = ("cpu", "cuda")) -> torch.dtype:
     """``auto`` / ``float32`` / ``bfloat16`` (``train.precision``, ``evaluate.precision``) -> the dtype to use.
 
-    ``auto`` is bfloat16 where `bf16_matmul_supported`, else float32.
+    ``auto`` is bfloat16 on a device of a type in ``auto_on`` where `bf16_matmul_supported`, else float32.
     """
     if pref == "float32":
         return torch.float32
     if pref == "bfloat16":
         return torch.bfloat16
     if pref == "auto":
-        return torch.bfloat16 if bf16_matmul_supported(device) else torch.float32
+        on = device.type in auto_on and bf16_matmul_supported(device)
+        return torch.bfloat16 if on else torch.float32
     raise ValueError(f"precision {pref!r}: expected 'auto', 'float32' or 'bfloat16'")
 
 

@@ -479,11 +479,21 @@ class CAMMSR(nn.Module):
             TypeError, ValueError: ``lengths`` is not a LongTensor with one length per sequence, or
                 (CPU) one is outside 1..L (and see `encode_views`).
         """
+        tables = self.item_tables()  # each [N+1, d]
+        h = self.user_vectors(seq, lengths, tables)  # [B, M*d]
+        s = h @ self.score_table(tables).T  # [B, N+1]
+        s[:, 0] = float("-inf")
+        return s
+
+    @torch.no_grad()
+    def user_vectors(self, seq: torch.Tensor, lengths: torch.Tensor,
+                     tables: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Each user's concatenated Z_m after its last position, the vector scored against `score_table`:
+        seq [B, L], lengths [B] -> [B, M*d] (``tables``: `item_tables`, when already computed)."""
         check_seq(seq, self.cfg.max_seq_len)
         check_lengths(lengths, seq)
-        tables = self.item_tables()  # each [N+1, d]
         z = self.encode_views(seq, last=lengths - 1, tables=tables).z  # [M, B, 1, d]: only the last position
-        return self.scores(z[:, :, 0], tables)  # [B, N+1]
+        return z[:, :, 0].permute(1, 0, 2).flatten(1)  # [B, M*d]
 
     def loss(self, seq: torch.Tensor, targets: torch.Tensor, normalizer: float | None = None
              ) -> tuple[torch.Tensor, dict[str, float]]:

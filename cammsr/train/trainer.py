@@ -20,7 +20,7 @@ from cammsr.core.summary import StageSummary
 from cammsr.data.batches import bucketed_batches, pad_right, training_pairs
 from cammsr.data.splits import SplitData, load_splits
 from cammsr.evaluate.metrics import metrics_from_ranks
-from cammsr.evaluate.ranking import rank_targets
+from cammsr.evaluate.ranking import model_scores, rank_targets
 from cammsr.model import CAMMSR
 from cammsr.model.io import build_model, save_checkpoint
 
@@ -49,7 +49,8 @@ def validate(model: CAMMSR, split: SplitData, max_len: int, params: EvaluatePara
     """Full-ranking metrics of ``model`` on the valid (or test) targets."""
     hist, targets, _ = split.held_out(part, max_len)
     model.eval()
-    ranks = rank_targets(model.score_last, hist, targets, params.batch_size, params.mask_history, device)
+    ranks = rank_targets(model_scores(model), hist, targets, params.batch_size, params.mask_history, device,
+                         resolve_precision(params.precision, device, auto_on=("cpu",)))
     return metrics_from_ranks(ranks, params.ks)
 
 
