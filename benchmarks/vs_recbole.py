@@ -48,6 +48,7 @@ import yaml
 from cammsr.core.config import load_params
 from cammsr.core.paths import CatalogPaths
 from cammsr.data.export_recbole import check_targets, export_dir, run_export_recbole
+from cammsr.data.split_features import run_split_features
 from cammsr.data.splits import load_splits
 from features.store import FeatureRows, write_rows
 
@@ -114,6 +115,7 @@ def synthetic_feature_catalog(catalog: str, paths: CatalogPaths, seed: int = 0) 
             write_rows(store, FeatureRows(list(items), ["synthetic"] * len(items),
                                           rng.standard_normal((len(items), dim), dtype=np.float32),
                                           {"modality": modality, "model": "synthetic random vectors (timing only)"}))
+    run_split_features(name, twin)  # what training reads: the stores cut to the split
     return name
 
 

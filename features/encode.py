@@ -64,6 +64,13 @@ class _Lazy:
         return self._value
 
 
+def _filled(value: Any) -> bool:
+    """A field that holds text: not null, not blank, not an empty list."""
+    if isinstance(value, str):
+        return bool(value.strip())
+    return bool(value)
+
+
 def _version(dist: str) -> str:
     try:
         return version(dist)
@@ -176,10 +183,12 @@ def encode_text(
     started = time.perf_counter()
     template = TextTemplate(params.template)
     cols = read_columns(paths.items, ["item_id", *TEMPLATE_FIELDS])
-    item_ids = cols["item_id"]
-    rows = zip(*(cols[f] for f in TEMPLATE_FIELDS), strict=True)
-    texts = [template.render(dict(zip(TEMPLATE_FIELDS, row, strict=True))) for row in rows]
-    _check_unique(item_ids, paths.items)
+    _check_unique(cols["item_id"], paths.items)
+    fields = [dict(zip(TEMPLATE_FIELDS, row, strict=True)) for row in zip(*(cols[f] for f in TEMPLATE_FIELDS),
+                                                                          strict=True)]
+    has_text = [any(_filled(f[name]) for name in params.require_any) for f in fields]
+    item_ids = [i for i, keep in zip(cols["item_id"], has_text, strict=True) if keep]
+    texts = [template.render(f) for f, keep in zip(fields, has_text, strict=True) if keep]
     identity = {
         "modality": "text",
         "model": params.model,
@@ -199,7 +208,7 @@ def encode_text(
         info, runner=runner, dask_address=dask_address, dask_workers=dask_workers, chunk_size=chunk_size,
         desc=f"encode text [{name}]",
     )  # fmt: skip
-    extra = {"empty_text": sum(not t for t in texts)}
+    extra = {"no_text": len(has_text) - len(item_ids), "empty_text": sum(not t for t in texts)}
     summary = _summary("encode_text", name, report, started, extra, where)
     summary.write(paths.summary("encode_text"))
     return summary

@@ -3,8 +3,10 @@
 The order and the edges come from the stage registry (`cammsr.ops.registry.upstream`: a stage waits
 for the stages whose outputs it reads), so this DAG and dvc.yaml's are the same graph:
 
-    (demo_source) -> (fetch_sources) -> ingest -> split -------------------+-> train -> evaluate
-                                              \\-> encode_text, encode_image -+
+    (demo_source) -> (fetch_sources) -> ingest -> split -------------------+-> split_features -> train -> evaluate
+                                              \\-> encode_text, encode_image -+                        \\-> recommend
+
+(recommend also reads the whole feature stores and items.parquet: items added since training).
 
 Catalogs are independent: their chains are all submitted at once and run side by side on the task
 runner; a failed stage stops only its own catalog's later stages. Shared by the ``pipeline`` and

@@ -35,7 +35,8 @@ def build_deployments(project: Project, cron: str | None = None) -> list[RunnerD
     return [
         refresh_features.to_deployment(
             name=REFRESH, cron=schedule, parameters=where, entrypoint_type=module, tags=["cammsr"],
-            description=f"Re-download changed sources, re-normalize, encode new/changed items ({schedule})"),
+            description=f"Re-download changed sources, re-normalize, encode new/changed items, then (per "
+                        f"params) recommend with the trained model ({schedule})"),
         pipeline.to_deployment(name=PIPELINE, parameters=where, entrypoint_type=module, tags=["cammsr"],
                                description="The whole DAG for some or all catalogs, consistent with dvc.lock"),
         onboard_catalog.to_deployment(name=ONBOARD, parameters=where, entrypoint_type=module, tags=["cammsr"],
@@ -62,4 +63,5 @@ def params_step(params_path: str = "params.yaml") -> dict[str, Any]:
     path = Path(params_path).resolve()
     orchestration = load_params(path).orchestration
     return {"refresh_cron": orchestration.refresh_cron, "refresh_downstream": orchestration.refresh_downstream,
+            "refresh_recommend": orchestration.refresh_recommend,
             "root": str(Path(os.getcwd()).resolve()), "params_path": str(path)}

@@ -29,12 +29,12 @@ from flows.tasks import retry_on_transient
 @task(retries=1, retry_delay_seconds=30, retry_condition_fn=retry_on_transient, cache_policy=NO_CACHE,
       task_run_name="check_source[{name}]")
 def check_task(name: str, reviews: str, meta: str | None, images: str, root: str, params_path: str,
-               features: dict[str, dict] | None = None) -> OnboardPlan:
+               features: dict[str, dict] | None = None, min_interactions: int | None = None) -> OnboardPlan:
     """Fetch and check the sources; compute the params.yaml edit (nothing in the project changes)."""
     project = Project.at(root, params_path)
     sources = {m: PrecomputedFeatures.model_validate(f) for m, f in (features or {}).items()}
     plan = plan_onboarding(name, reviews, meta, images, root=project.root, params_path=project.params_path,
-                           features=sources)
+                           features=sources, min_interactions=min_interactions)
     logger = get_run_logger()
     for line in plan.lines():
         logger.info(line)
@@ -58,7 +58,7 @@ def modalities_used(stages: list[dict]) -> str:
 @flow(name="onboard-catalog", log_prints=True)
 def onboard_catalog(name: str, reviews: str, meta: str | None = None, images: str = "auto",
                     dry_run: bool = False, params_path: str = "params.yaml", root: str = ".",
-                    features: dict[str, dict] | None = None) -> dict:
+                    features: dict[str, dict] | None = None, min_interactions: int | None = None) -> dict:
     """Check ``reviews``/``meta``, add catalog ``name`` to params.yaml, run the pipeline for it only.
 
     Args:
@@ -68,12 +68,14 @@ def onboard_catalog(name: str, reviews: str, meta: str | None = None, images: st
         dry_run: stop after the check; return the report and the params.yaml diff.
         features: precomputed features by modality, e.g. ``{"image": {"file": URL, "index": URL,
             "format": "auto", "provenance": "..."}}`` (imported instead of encoded).
+        min_interactions: the catalog's own k-core (``catalogs.NAME.min_interactions``).
 
     Returns:
         ``{"catalog", "entry", "report": [lines], "diff", "stages": [...], "modalities", "metrics"}``.
     """
     project = Project.at(root, params_path)
-    plan = check_task(name, reviews, meta, images, str(project.root), str(project.params_path), features)
+    plan = check_task(name, reviews, meta, images, str(project.root), str(project.params_path), features,
+                      min_interactions)
     result: dict = {"catalog": name, "entry": plan.entry, "report": plan.lines(), "diff": plan.diff()}
     report_md = ["## Source check", "", "```", *plan.lines(), "```", "", "## params.yaml", "", "```diff",
                  plan.diff(), "```"]

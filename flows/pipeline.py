@@ -2,7 +2,7 @@
 
     python -m flows.pipeline --catalog demo          # or: cammsr serve, then run the `pipeline` deployment
 
-ingest -> (text, image features in parallel) -> splits -> train -> evaluate, one task per stage
+ingest -> (text, image features in parallel) -> splits -> train -> evaluate and recommend, one task per stage
 calling the same stage functions as ``dvc repro`` (`cammsr.ops.stages`). A stage that dvc.lock says is up
 to date is not rerun; one that runs is recorded with ``dvc commit``, so ``dvc status`` is clean
 afterwards. Tasks run on the task runner named by ``params.orchestration.task_runner``.
@@ -43,7 +43,7 @@ def run_on_configured_runner(catalogs: list[str] | None, stages: list[str], proj
 @flow(name="pipeline", log_prints=True)
 def pipeline(catalogs: list[str] | None = None, params_path: str = "params.yaml", root: str = ".",
              force: bool = False) -> dict[str, list[dict]]:
-    """ingest -> (text, image features in parallel) -> splits -> train -> evaluate, per catalog.
+    """ingest -> (text, image features in parallel) -> splits -> train -> evaluate and recommend, per catalog.
 
     Args:
         catalogs: names from params.yaml; default all.

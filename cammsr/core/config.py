@@ -8,17 +8,25 @@ Library functions never read the file: drivers load it here and pass typed secti
 
 from __future__ import annotations
 
+from datetime import date
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cammsr.core.errors import BadInput
+from cammsr.core.paths import CATALOG_NAME, CATALOG_NAME_RULE
+
 
 class Section(BaseModel):
-    """Base for every params section: unknown keys are errors, values are checked on assignment."""
+    """Base for every params section: unknown keys are errors, values are checked on assignment.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    Types are strict: ``lr: "0.001"`` or ``use_text: "no"`` is an error naming the key, never a silent
+    conversion (an int is still a valid float).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=(), strict=True)
 
 
 class ProjectParams(Section):
@@ -47,6 +55,9 @@ class CatalogParams(Section):
     reviews: str = Field(description="http(s):// or file: URL of the reviews file (plain or .gz)")
     meta: str | None = Field(default=None, description="URL of the product metadata file")
     images: bool = True
+    unreviewed_items: bool = Field(default=False, description="keep the metadata's items nobody reviewed yet "
+                                   "(encoded, and recommended from their content); false keeps reviewed items "
+                                   "only, e.g. for a full metadata dump many times the reviewed catalog")
     source_dep: str = Field(
         default="params.yaml",
         description="what DVC watches to rerun ingest: the local source dir, or the http URL of the reviews",
@@ -55,6 +66,11 @@ class CatalogParams(Section):
                                                       "from a file instead of encoding the item text")
     image_features: PrecomputedFeatures | None = Field(default=None, description="import image features "
                                                        "from a file instead of encoding the images")
+    min_interactions: int | None = Field(
+        default=None, ge=1,
+        description="this catalog's k-core: users and items need at least this many interactions "
+                    "(default splits.user_core / splits.item_core); `cammsr onboard --min-interactions`",
+    )
 
     def precomputed(self, modality: Literal["text", "image"]) -> PrecomputedFeatures | None:
         return self.text_features if modality == "text" else self.image_features
@@ -86,6 +102,23 @@ class IngestParams(Section):
     max_image_bytes: int = Field(default=20_000_000, gt=0)
     max_image_pixels: int = Field(default=40_000_000, gt=0)
     category_level: int = Field(default=1, ge=0, description="index into categories[0] used as the label")
+    min_review_date: str = Field(default="1995-01-01", description="reviews dated before this day "
+                                 "(YYYY-MM-DD, UTC) are quarantined")
+    max_days_ahead: float = Field(default=1.0, ge=0, description="reviews dated more than this many days "
+                                  "after the ingest are quarantined (e.g. milliseconds read as seconds)")
+
+
+    @field_validator("min_review_date", mode="before")
+    @classmethod
+    def _iso_day(cls, value: object) -> object:
+        if isinstance(value, date):  # YAML reads an unquoted 1995-01-01 as a date
+            return value.isoformat()
+        if isinstance(value, str):
+            try:
+                date.fromisoformat(value)
+            except ValueError as exc:
+                raise ValueError(f"expected a day as YYYY-MM-DD, found {value!r}") from exc
+        return value
 
 
 class TextFeatureParams(Section):
@@ -94,6 +127,7 @@ class TextFeatureParams(Section):
     pooling: Literal["cls", "mean"] = "mean"
     max_length: int = Field(default=128, ge=8)
     template: str = "{title}. {brand}. {categories}. {description}"
+    require_any: list[Literal["title", "brand", "categories", "description", "category"]] = ["title", "description"]
     batch_size: int = Field(default=64, ge=1)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
 
@@ -118,6 +152,7 @@ class FeatureParams(Section):
 class OrchestrationParams(Section):
     refresh_cron: str = "0 3 * * *"
     refresh_downstream: bool = False
+    refresh_recommend: bool = False
     task_runner: Literal["threads", "dask", "ray"] = "threads"
     dask_address: str | None = None
     dask_workers: int = Field(default=2, ge=1)
@@ -139,7 +174,7 @@ class TrainParams(Section):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     batch_size: int = Field(default=128, ge=1)
-    batch_targets: int | None = Field(default=None, ge=1)
+    batch_targets: int | None = Field(default=512, ge=1)
     bucket_batches: int = Field(default=32, ge=1)
     windows: bool = True
     epochs: int = Field(default=60, ge=1)
@@ -152,6 +187,10 @@ class TrainParams(Section):
     weight_mode: Literal["confidence", "learned"] = "confidence"
     weight_temperature: float = Field(default=1.0, gt=0)
     score_scale: Literal["none", "learned"] = "none"
+    score_refined: bool = False
+    feature_init: Literal["normal", "pca"] = "normal"
+    modality_dropout: float = Field(default=0.0, ge=0, lt=1)
+    content_table: Literal["learned", "frozen"] = "learned"
     shared_encoder: bool = True
     category_loss: Literal["ce", "bce"] = "ce"
     lambda_cat: float = Field(default=0.1, ge=0)
@@ -170,6 +209,8 @@ class TrainParams(Section):
         "has bfloat16 matmuls (CUDA, or a CPU with AMX / AVX512-BF16), else float32")
     fast_dropout: bool = Field(default=True, description="dropout masks from 31-bit random integers (same law, "
                                "5x cheaper on CPU than bernoulli_)")
+    id_dropout: float = Field(default=0.0, ge=0, lt=1, description="fraction of item IDs replaced by the "
+                              "learned unknown-ID vector at each step (trains it for items added after training)")
 
 
 class EvaluateParams(Section):
@@ -188,6 +229,14 @@ class EvaluateParams(Section):
         return sorted(set(ks))
 
 
+class RecommendParams(Section):
+    k: int = Field(default=20, ge=1, le=32767, description="items per user (rank is an int16)")
+    exclude_seen: bool = True
+    include_new_items: bool = Field(default=True, description="rank catalog items the model was not trained "
+                                    "on from their content (multimodal checkpoints)")
+    batch_size: int = Field(default=1024, ge=1)
+
+
 class Params(Section):
     project: ProjectParams = ProjectParams()
     catalogs: dict[str, CatalogParams]
@@ -197,7 +246,16 @@ class Params(Section):
     splits: SplitParams = SplitParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    recommend: RecommendParams = RecommendParams()
     orchestration: OrchestrationParams = OrchestrationParams()
+
+    @field_validator("catalogs")
+    @classmethod
+    def _catalog_names(cls, catalogs: dict[str, CatalogParams]) -> dict[str, CatalogParams]:
+        bad = [name for name in catalogs if not CATALOG_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"catalog name(s) {bad}: use {CATALOG_NAME_RULE} (a name is a folder under data/)")
+        return catalogs
 
     def catalog(self, name: str) -> CatalogParams:
         """Return the catalog section for ``name`` or raise a KeyError listing the known ones."""
@@ -206,7 +264,7 @@ class Params(Section):
         return self.catalogs[name]
 
 
-class ParamsError(ValueError):
+class ParamsError(BadInput, ValueError):
     """params.yaml is missing, unreadable or invalid; the message names the file and the key."""
 
 

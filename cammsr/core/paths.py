@@ -12,6 +12,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from cammsr.core.errors import BadInput
+
+# A catalog's name is a folder name, a DVC foreach key and a Prefect artifact key: nothing that can climb
+# out of data/ ("..", "/") or read differently in any of the three.
+CATALOG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+CATALOG_NAME_RULE = "letters, digits, '-' and '_', starting with a letter or digit, at most 64"
+
+
+class UnsafePathError(BadInput, ValueError):
+    """A catalog name or an output path that would put files outside the data root."""
+
+
+def check_catalog_name(name: str) -> str:
+    """``name`` if it is a valid catalog name, else an `UnsafePathError` saying why."""
+    if not isinstance(name, str) or not CATALOG_NAME.fullmatch(name):
+        raise UnsafePathError(f"catalog name {name!r}: use {CATALOG_NAME_RULE}")
+    return name
+
+
+def check_inside(path: str | Path, root: str | Path, what: str = "output") -> Path:
+    """``path`` if it stays under ``root`` once ``..`` and symlinks are resolved, else `UnsafePathError`."""
+    resolved, base = Path(path).resolve(), Path(root).resolve()
+    if resolved != base and base not in resolved.parents:
+        raise UnsafePathError(f"{path}: {what} path resolves to {resolved}, outside {base}; refused")
+    return Path(path)
+
 
 def raw_name(url: str) -> str:
     """A safe file name for ``url``: 16 hex chars of sha1(url) + the sanitized basename."""
@@ -30,7 +56,8 @@ class CatalogPaths:
 
     @classmethod
     def of(cls, name: str, data_dir: str | Path = "data") -> CatalogPaths:
-        return cls(Path(data_dir) / name)
+        """The paths of catalog ``name`` under ``data_dir``; a name that is not a plain folder name is refused."""
+        return cls(Path(data_dir) / check_catalog_name(name))
 
     def for_run(self, out_root: str | Path) -> CatalogPaths:
         """Same inputs (splits, features), but models/logs/metrics under ``out_root``: one experiment run."""
@@ -39,6 +66,10 @@ class CatalogPaths:
     @property
     def _out(self) -> Path:
         return self.out_root if self.out_root is not None else self.root
+
+    def tmp_dir(self, stage: str) -> Path:
+        """The temp folder of ``stage``'s runs: cleared when a run starts, removed when it ends."""
+        return self._out / ".tmp" / stage
 
     # ingest
     @property
@@ -96,6 +127,19 @@ class CatalogPaths:
     def splits_dir(self) -> Path:
         return self.root / "splits"
 
+    @property
+    def split_features_dir(self) -> Path:
+        """Each feature store cut to the split's items (``text.parquet``, ``image.parquet``): what train and
+        evaluate read, so an item added to the catalog does not make their inputs change."""
+        return self.root / "split_features"
+
+    def split_features(self, modality: str) -> Path:
+        return self.split_features_dir / f"{modality}.parquet"
+
+    def feature_store(self, modality: str) -> Path:
+        """The whole feature store of ``modality`` (``text`` or ``image``), every catalog item."""
+        return self.features_dir / f"{modality}.parquet"
+
     # train / evaluate
     @property
     def models_dir(self) -> Path:
@@ -126,6 +170,11 @@ class CatalogPaths:
     @property
     def eval_dir(self) -> Path:
         return self._out / "eval"
+
+    @property
+    def recommendations(self) -> Path:
+        """Top-k items per user of the trained model (the recommend stage)."""
+        return self._out / "recommendations.parquet"
 
     def summary(self, stage: str) -> Path:
         """The JSON summary a stage writes next to its outputs (rows in/out, seconds...)."""

@@ -21,6 +21,7 @@ import polars as pl
 
 from cammsr.core.atomic import write_parquet_atomic
 from cammsr.core.config import SplitParams
+from cammsr.core.errors import BadInput
 from cammsr.data.kcore import kcore
 from cammsr.core.paths import CatalogPaths
 from cammsr.core.summary import StageSummary
@@ -30,6 +31,10 @@ log = logging.getLogger(__name__)
 ITEMS_FILE = "items.parquet"
 SEQUENCES_FILE = "sequences.parquet"
 PATH_TOKENS_FILE = "path_tokens.parquet"
+
+
+class SplitError(BadInput, ValueError):
+    """The catalog cannot be split as asked (e.g. nothing survives the k-core); names the file."""
 
 
 def chronological_sequences(interactions: pl.DataFrame) -> pl.DataFrame:
@@ -68,9 +73,9 @@ def run_split(name: str, params: SplitParams, paths: CatalogPaths) -> StageSumma
     items_meta = items_meta.select("item_id", "category", "categories")
     filtered = kcore(inter, params.user_core, params.item_core)
     if filtered.is_empty():
-        raise ValueError(
+        raise SplitError(
             f"{paths.interactions}: nothing survives the {params.user_core}/{params.item_core}-core filter "
-            f"({inter.height} interactions in)"
+            f"({inter.height} interactions in); a smaller catalog needs its own k-core: catalogs.{name}.min_interactions"
         )
 
     # Item and category indices sorted by id: stable across runs and independent of row order.

@@ -35,12 +35,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from cammsr.evaluate.metrics import NonFiniteScoresError
+
 U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
 U_F32 = 2.0**-24
 
 
-class NonFiniteVectorsError(ValueError):
-    """A user or item vector holds NaN or infinity: its scores cannot be ranked."""
+class NonFiniteVectorsError(NonFiniteScoresError):
+    """A user or item vector holds NaN or infinity: its scores cannot be ranked (a `NonFiniteScoresError`,
+    as the float32 path raises on the scores they would give)."""
 
 
 def split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,3 +39,43 @@ def markdown_table(catalog: str, metrics_path: Path, part: str = "test") -> str:
     for ranker, label in (("model", metrics.get("model_name", "model")), ("popularity", "most-popular")):
         lines.append(f"| {label} | " + " | ".join(f"{metrics[ranker][part][k]:.4f}" for k in keys) + " |")
     return "\n".join(lines)
+
+
+def example_users(paths, n: int = 3, last: int = 3, top: int = 5) -> list[dict]:
+    """``n`` users spread over the recommendations file (by user id), each with the titles of their last
+    ``last`` items and of their ``top`` recommendations (with scores); items without a title show their id."""
+    import numpy as np
+    import polars as pl
+
+    from cammsr.data.splits import load_splits
+
+    recs = pl.read_parquet(paths.recommendations)
+    if recs.is_empty():
+        return []
+    meta = pl.read_parquet(paths.items, columns=["item_id", "title"]).unique("item_id", keep="first")
+    title = dict(zip(meta["item_id"].to_list(), meta["title"].to_list(), strict=True))
+    split = load_splits(paths.splits_dir)
+    row_of = {u: i for i, u in enumerate(split.user_ids)}
+    users = sorted(recs["user_id"].unique().to_list())
+    picks = [users[int(i)] for i in np.unique(np.linspace(0, len(users) - 1, num=min(n, len(users))).round())]
+    out = []
+    for user in picks:
+        history = [split.item_ids[i - 1] for i in split.sequences[row_of[user]][-last:]]
+        mine = recs.filter((pl.col("user_id") == user) & (pl.col("rank") <= top)).sort("rank")
+        top_items = zip(mine["item_id"].to_list(), mine["score"].to_list(), strict=True)
+        out.append({"user_id": user, "last_items": [title.get(i) or i for i in history],
+                    "top": [(title.get(i) or i, float(s)) for i, s in top_items]})
+    return out
+
+
+def examples_table(catalog: str, examples: list[dict]) -> Table:
+    """A rich table of `example_users`: one row per user, their last items and their top items."""
+    table = Table(title=f"{catalog}: example recommendations (last items -> top {len(examples[0]['top'])})"
+                  if examples else f"{catalog}: no recommendations")
+    table.add_column("user")
+    table.add_column("last items (oldest first)")
+    table.add_column("recommended (score)")
+    for ex in examples:
+        table.add_row(ex["user_id"], "\n".join(ex["last_items"]),
+                      "\n".join(f"{r}. {t} ({s:.2f})" for r, (t, s) in enumerate(ex["top"], start=1)))
+    return table

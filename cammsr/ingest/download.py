@@ -7,9 +7,13 @@ described by ``raw/manifest.json``::
                                          "bytes": ..., "fetched_at": ...}}
 
 - transient failures (5xx, 408, 429, timeouts, refused or dropped connections) are retried with
-  exponential backoff; other 4xx are not, and leave nothing half-written behind;
+  exponential backoff, waiting at least what a ``Retry-After`` header asks (up to ``retry_after_max_s``);
+  other 4xx are not, and leave nothing half-written behind; a redirect loop is a plain `DownloadError`;
 - a body cut off mid-way resumes from the bytes already in ``<name>.part`` with an HTTP Range request
-  (``If-Range`` guards against stitching two versions together; a server that answers 200 restarts it);
+  (``If-Range`` guards against stitching two versions together; a server that answers 200 restarts it,
+  and so does a 206 whose ETag / Last-Modified is not the one the part was started with, or a body whose
+  length disagrees with Content-Range: the file is never spliced from two versions);
+- ``.part`` files of URLs that are no longer fetched are removed;
 - a second run sends If-None-Match / If-Modified-Since, and a 304 does no work; ``file:`` sources are
   compared by size + mtime, then sha256, so an unchanged file is not copied again;
 - the sha256 is computed while streaming and the file appears under its final name by one rename.
@@ -25,15 +29,23 @@ import logging
 import os
 import posixpath
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit
 
 import httpx
-from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    before_sleep_log,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
 from tqdm import tqdm
 
 from cammsr.core.atomic import write_json_atomic
@@ -49,7 +61,12 @@ RAW_NAME = re.compile(r"[0-9a-f]{16}(-[A-Za-z0-9._-]+)?")
 
 
 class DownloadError(RuntimeError):
-    """A fetch that retrying cannot fix; ``str()`` names the URL, ``reason`` says what went wrong."""
+    """A fetch that retrying cannot fix; ``str()`` names the URL, ``reason`` says what went wrong.
+
+    ``exit_code`` 2: the URL (a 4xx, a bad scheme, a redirect loop) is the user's to fix.
+    """
+
+    exit_code = 2
 
     def __init__(self, url: str, reason: str) -> None:
         super().__init__(f"{url}: {reason}")
@@ -65,8 +82,38 @@ class TooLargeError(DownloadError):
     """The body is larger than the caller allows."""
 
 
+class GaveUpError(DownloadError):
+    """Transient failures outlived the retry budget (the server or the network, not the URL): exit code 1."""
+
+    exit_code = 1
+
+
 class TransientError(Exception):
-    """A failure worth another attempt (5xx, 408/429, a refused resume)."""
+    """A failure worth another attempt (5xx, 408/429, a refused resume); ``retry_after``: seconds the server asked."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header in seconds (delta-seconds or an HTTP date); None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def _request_error(url: str, exc: Exception) -> DownloadError:
+    """A non-transient httpx failure as a `DownloadError` naming the URL (never a traceback)."""
+    if isinstance(exc, httpx.TooManyRedirects):
+        return DownloadError(url, "too many redirects (a redirect loop?)")
+    return DownloadError(url, f"{type(exc).__name__}: {exc}")
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -84,15 +131,27 @@ class RetryPolicy:
     timeout_s: float = 30.0
     backoff_base_s: float = 0.5
     backoff_max_s: float = 30.0
+    retry_after_max_s: float = 120.0  # a server's Retry-After is honoured up to this
 
     @classmethod
     def from_params(cls, params: IngestParams, **overrides: float) -> RetryPolicy:
         return cls(**{"retries": params.retries, "timeout_s": params.timeout_s, **overrides})
 
+    def wait(self) -> Callable[[RetryCallState], float]:
+        """Exponential backoff, or the server's Retry-After when that is longer (capped)."""
+        backoff = wait_exponential(multiplier=self.backoff_base_s, max=self.backoff_max_s)
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            asked = getattr(exc, "retry_after", None)
+            return max(backoff(state), min(asked, self.retry_after_max_s)) if asked else backoff(state)
+
+        return wait
+
     def retrying(self) -> Retrying:
         return Retrying(
             stop=stop_after_attempt(self.retries + 1),
-            wait=wait_exponential(multiplier=self.backoff_base_s, max=self.backoff_max_s),
+            wait=self.wait(),
             retry=retry_if_exception(_is_transient),
             before_sleep=before_sleep_log(log, logging.WARNING),
             reraise=True,
@@ -211,7 +270,11 @@ def _now() -> str:
 
 
 class _Part:
-    """A ``.part`` file and the sha256 of what it holds, kept in step while streaming."""
+    """A ``.part`` file and the sha256 of what it holds, kept in step while streaming.
+
+    Beside it, ``<name>.part.validator`` records the version it is a prefix of: the server's ETag or
+    Last-Modified and the total size it announced, so a resume is checked against both.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -220,19 +283,20 @@ class _Part:
         self.size = 0
         self.transferred = 0  # bytes received in this run (restarts included)
         self.validator: str | None = None
+        self.total: int | None = None  # the size the first answer announced
         if path.is_file():  # left by an earlier run: resume from it
             with open(path, "rb") as fh:
                 for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
                     self.hasher.update(chunk)
                     self.size += len(chunk)
             if self.validator_path.is_file():
-                self.validator = self.validator_path.read_text().strip() or None
+                self.validator, self.total = _read_validator(self.validator_path.read_text())
 
-    def reset(self, validator: str | None) -> None:
+    def reset(self, validator: str | None, total: int | None = None) -> None:
         self.path.write_bytes(b"")
-        self.hasher, self.size, self.validator = hashlib.sha256(), 0, validator
-        if validator:
-            self.validator_path.write_text(validator)
+        self.hasher, self.size, self.validator, self.total = hashlib.sha256(), 0, validator, total
+        if validator or total is not None:
+            self.validator_path.write_text(json.dumps({"validator": validator, "total": total}))
         else:
             self.validator_path.unlink(missing_ok=True)
 
@@ -241,9 +305,17 @@ class _Part:
         self.validator_path.unlink(missing_ok=True)
 
 
-def _check_status(url: str, status: int) -> None:
+def _read_validator(text: str) -> tuple[str | None, int | None]:
+    try:
+        data = json.loads(text)
+        return data.get("validator"), data.get("total")
+    except (ValueError, AttributeError):  # a plain validator, as older runs wrote it
+        return text.strip() or None, None
+
+
+def _check_status(url: str, status: int, headers: httpx.Headers | None = None) -> None:
     if status >= 500 or status in TRANSIENT_STATUS:
-        raise TransientError(f"HTTP {status}")
+        raise TransientError(f"HTTP {status}", _retry_after(headers.get("retry-after") if headers else None))
     if status in NOT_FOUND_STATUS:
         raise NotFoundError(url, f"HTTP {status} (not found)")
     if status >= 400:
@@ -252,6 +324,11 @@ def _check_status(url: str, status: int) -> None:
 
 def _content_range_start(header: str | None) -> int | None:
     match = re.match(r"bytes (\d+)-", header or "")
+    return int(match.group(1)) if match else None
+
+
+def _content_range_total(header: str | None) -> int | None:
+    match = re.match(r"bytes \d+-\d+/(\d+)", header or "")
     return int(match.group(1)) if match else None
 
 
@@ -270,16 +347,28 @@ def _http_attempt(
         if resp.status_code == 416:  # our offset is past the server's file: start over
             part.reset(None)
             raise TransientError("HTTP 416 for a resume range; restarting from zero")
-        _check_status(url, resp.status_code)
+        _check_status(url, resp.status_code, resp.headers)
         if resp.status_code not in (200, 206):
             raise DownloadError(url, f"unexpected HTTP {resp.status_code}")
-        if resp.status_code == 206 and _content_range_start(resp.headers.get("content-range")) != part.size:
-            part.reset(None)
-            raise TransientError(f"Content-Range {resp.headers.get('content-range')!r} != bytes={part.size}-")
-        if resp.status_code != 206:  # a fresh body (first try, or the server ignored Range)
+        validator = resp.headers.get("etag") or resp.headers.get("last-modified")
+        if resp.status_code == 206:
+            if _content_range_start(resp.headers.get("content-range")) != part.size:
+                part.reset(None)
+                raise TransientError(f"Content-Range {resp.headers.get('content-range')!r} != bytes={part.size}-")
+            expected = _content_range_total(resp.headers.get("content-range"))
+            changed = (part.validator and validator and validator != part.validator) or (
+                part.total is not None and expected is not None and expected != part.total)
+            if changed:  # If-Range ignored (or no validator to send): these bytes belong to another version
+                log.warning("%s: changed on the server since the partial download (%s, %s bytes; now %s, %s "
+                            "bytes); restarting", url, part.validator, part.total, validator, expected)
+                part.reset(None)
+                raise TransientError("the file changed between attempts; restarting from zero")
+        else:  # a fresh body (first try, or the server ignored Range)
             if part.size:
                 log.info("%s: server answered %d to a Range request; restarting", url, resp.status_code)
-            part.reset(resp.headers.get("etag") or resp.headers.get("last-modified"))
+            length = resp.headers.get("content-length", "")
+            expected = int(length) if length.isdigit() else None
+            part.reset(validator, expected)
         for key, header in (("etag", "etag"), ("last_modified", "last-modified")):
             meta[key] = resp.headers.get(header) or meta.get(key)
         total = resp.headers.get("content-length")
@@ -297,6 +386,11 @@ def _http_attempt(
                 bar.update(len(chunk))
             fh.flush()
             os.fsync(fh.fileno())
+    if expected is not None and part.size != expected:  # a body that disagrees with what was announced
+        size = part.size
+        if size > expected:
+            part.reset(None)
+        raise TransientError(f"received {size} bytes where the server announced {expected}")
     return True
 
 
@@ -320,8 +414,10 @@ def _fetch_http(
         raise
     except Exception as exc:
         if _is_transient(exc):  # keep the .part: the next run resumes from it
-            raise DownloadError(url, f"gave up after {policy.retries + 1} attempts: {exc!r}") from exc
+            raise GaveUpError(url, f"gave up after {policy.retries + 1} attempts: {exc!r}") from exc
         part.discard()
+        if isinstance(exc, httpx.HTTPError | httpx.InvalidURL):
+            raise _request_error(url, exc) from exc
         raise
     if not complete:
         assert previous is not None  # a 304 only answers the conditional request built from it
@@ -408,7 +504,7 @@ def fetch_bytes(
 
     def attempt() -> bytes:
         with client.stream("GET", url) as resp:
-            _check_status(url, resp.status_code)
+            _check_status(url, resp.status_code, resp.headers)
             declared = resp.headers.get("content-length", "")
             if max_bytes is not None and declared.isdigit() and int(declared) > max_bytes:
                 raise TooLargeError(url, f"too large ({declared} > {max_bytes} bytes)")
@@ -427,7 +523,9 @@ def fetch_bytes(
         raise
     except Exception as exc:
         if _is_transient(exc):
-            raise DownloadError(url, f"gave up after {policy.retries + 1} attempts: {exc!r}") from exc
+            raise GaveUpError(url, f"gave up after {policy.retries + 1} attempts: {exc!r}") from exc
+        if isinstance(exc, httpx.HTTPError | httpx.InvalidURL):
+            raise _request_error(url, exc) from exc
         raise
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -469,6 +567,9 @@ def download_sources(
     for stale in set(previous) - set(names):  # files this stage wrote for URLs no longer in the catalog
         if RAW_NAME.fullmatch(stale):  # never a path taken on trust from the manifest
             (raw_dir / stale).unlink(missing_ok=True)
+    for leftover in [*raw_dir.glob("*.part"), *raw_dir.glob("*.part.validator")]:  # partial downloads of
+        if leftover.name.split(".part")[0] not in names:  # URLs no longer fetched: nothing will resume them
+            leftover.unlink(missing_ok=True)
     write_manifest(manifest_path, entries)
     for outcome in outcomes:
         if isinstance(outcome, BaseException):

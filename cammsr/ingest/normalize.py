@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cammsr.core.atomic import new_temp_file
 from cammsr.ingest.download import resolve_reference
 from cammsr.ingest.formats import ItemMeta, Review
 
@@ -74,9 +74,7 @@ def write_interactions(reviews: Iterable[Review], path: str | Path, batch_rows: 
     in a second pass over the written file, so a hash collision never drops a review.
     """
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".pass1", dir=path.parent)
-    os.close(fd)
-    first_pass = Path(name)
+    first_pass = new_temp_file(path, ".pass1")  # the mode a plain open() gives, kept through the rename
     hashes: list[np.ndarray] = []
     users: set[str] = set()
     items: dict[str, None] = {}  # insertion-ordered: first appearance
@@ -163,7 +161,8 @@ def category_label(categories: Sequence[str], level: int) -> str:
 
 
 def build_items(
-    item_ids: Sequence[str], metas: Iterable[ItemMeta], *, category_level: int, meta_url: str | None
+    item_ids: Sequence[str], metas: Iterable[ItemMeta], *, category_level: int, meta_url: str | None,
+    keep_unreviewed: bool = False,
 ) -> tuple[pa.Table, ItemsStats]:
     """One row per reviewed item (in ``item_ids`` order), filled from ``metas`` where described.
 
@@ -172,16 +171,23 @@ def build_items(
         metas: parsed metadata records (streamed; only reviewed items are kept, as Arrow batches).
         category_level: index into the category path used as the label.
         meta_url: the metadata file's URL; relative image URLs are resolved against it.
+        keep_unreviewed: also keep the described items nobody reviewed (yet), after the reviewed ones in
+            metadata order: they get features and can be recommended from their content.
     """
     wanted = set(item_ids)
     row_of: dict[str, int] = {}  # item -> its row among the described items, in metadata order
     columns: dict[str, list] = {name: [] for name in ITEMS_SCHEMA.names}
     batches: list[pa.RecordBatch] = []  # described items as Arrow: compact, unlike ItemMeta objects
+    unreviewed: list[str] = []  # kept items nobody reviewed, in metadata order
     unused = duplicates = 0
     for meta in metas:
         if meta.item_id not in wanted:
-            unused += 1
-            continue
+            if meta.item_id not in row_of:
+                unused += 1
+            if not keep_unreviewed:
+                continue
+            if meta.item_id not in row_of:
+                unreviewed.append(meta.item_id)
         if meta.item_id in row_of:
             duplicates += 1
             continue
@@ -200,12 +206,13 @@ def build_items(
     batches.append(_drain(columns, ITEMS_SCHEMA))
     described = pa.Table.from_batches(batches, schema=ITEMS_SCHEMA)
     batches.clear()
-    rows = described.take(pa.array([row_of.get(item_id) for item_id in item_ids], pa.int64()))  # null: no meta
+    order = [*item_ids, *unreviewed]
+    rows = described.take(pa.array([row_of.get(item_id) for item_id in order], pa.int64()))  # null: no meta
     del described
     table = pa.Table.from_arrays([
-        pa.array(item_ids, pa.string()), rows["title"], rows["description"], rows["brand"],
+        pa.array(order, pa.string()), rows["title"], rows["description"], rows["brand"],
         pc.fill_null(rows["categories"], pa.scalar([], ITEMS_SCHEMA.field("categories").type)),
         pc.fill_null(rows["category"], UNKNOWN_CATEGORY), rows["image_url"],
     ], schema=ITEMS_SCHEMA)
-    stats = ItemsStats(len(item_ids) - len(row_of), unused, duplicates)
+    stats = ItemsStats(len(item_ids) - (len(row_of) - len(unreviewed)), unused, duplicates)
     return table, stats

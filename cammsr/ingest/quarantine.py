@@ -20,6 +20,7 @@ from types import TracebackType
 from typing import IO
 
 from cammsr.core.atomic import atomic_path
+from cammsr.core.errors import BadInput
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class QuarantineRecord:
     raw: str
 
 
-class QuarantineLimitError(ValueError):
+class QuarantineLimitError(BadInput, ValueError):
     """More than ``max_quarantine_fraction`` of a file's records were malformed."""
 
 
@@ -48,6 +49,7 @@ class Quarantine:
         self.target = target
         self.raw_chars = raw_chars
         self.counts: Counter[str] = Counter()
+        self.first: dict[str, str] = {}  # file -> "line N: reason" of its first quarantined record
         self.records: list[QuarantineRecord] = []  # only without a target (tests, previews)
         self._stack = contextlib.ExitStack()
         self._fh: IO[str] | None = None
@@ -73,6 +75,7 @@ class Quarantine:
         text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else raw
         record = QuarantineRecord(file, line, reason, text[: self.raw_chars])
         self.counts[file] += 1
+        self.first.setdefault(file, f"line {line}: {reason}")
         if self.counts[file] <= 3:
             log.warning("quarantined %s:%d: %s", file, line, reason)
         if self._fh is not None:
@@ -88,7 +91,7 @@ class Quarantine:
 
 
 def check_fraction(counts: Counter[str] | dict[str, int], lines: dict[str, int], max_fraction: float,
-                   where: Path | str) -> None:
+                   where: Path | str, first: dict[str, str] | None = None) -> None:
     """Raise when any file's quarantined / records exceeds ``max_fraction``.
 
     Args:
@@ -96,11 +99,13 @@ def check_fraction(counts: Counter[str] | dict[str, int], lines: dict[str, int],
         lines: records (non-blank lines) read per file.
         max_fraction: the ceiling, ``IngestParams.max_quarantine_fraction``.
         where: the quarantine file, named in the error so the user knows where to look.
+        first: the first problem of each file (`Quarantine.first`), quoted in the error.
     """
     for file, total in lines.items():
         bad = counts.get(file, 0)
         if total and bad / total > max_fraction:
+            example = f" (first: {first[file]})" if first and file in first else ""
             raise QuarantineLimitError(
-                f"{file}: {bad} of {total} records quarantined ({bad / total:.2%}), more than "
+                f"{file}: {bad} of {total} records quarantined ({bad / total:.2%}){example}, more than "
                 f"ingest.max_quarantine_fraction={max_fraction:g}; see {where} for each line and reason"
             )

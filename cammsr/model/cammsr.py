@@ -38,6 +38,8 @@ CHOICES = {  # ModelConfig fields that take one of a few names
     "weight_mode": ("confidence", "learned"),
     "feature_norm": ("none", "center_l2"),
     "score_scale": ("none", "learned"),
+    "feature_init": ("normal", "pca"),
+    "content_table": ("learned", "frozen"),
     "category_loss": ("ce", "bce"),
 }
 
@@ -71,10 +73,17 @@ class ModelConfig:
     dyt_alpha_init: float = 0.5
     weight_temperature: float = 1.0  # "confidence" weights: softmax_m(log p_m / T); T < 1 sharpens them
     score_scale: str = "none"  # "learned": a trained scale per modality on its score term
+    score_refined: bool = False  # score against the CAMoE-refined item tables ē_m instead of e_m
+    feature_init: str = "normal"  # "pca": feature projections start as the features' top-d principal directions
+    modality_dropout: float = 0.0  # training: chance a modality's score term is left out for a sequence
+    content_table: str = "learned"  # "frozen": text/image items are scored on a fixed projection of their features
     shared_encoder: bool = True  # False: one Transformer per modality (HM4SR-style)
     category_loss: str = "ce"  # "ce": single label; "bce": multi-hot over the item's category path tokens
     num_path_tokens: int = 0  # T, category path tokens (for "bce")
     fast_dropout: bool = False  # masks from 31-bit random integers instead of bernoulli_ (dropout.py); same law
+    # Unknown item IDs (see `CAMMSR.id_rows`): the fraction of items whose ID row is replaced by the learned
+    # unknown vector at each training step; 0 leaves the vector untrained (zeros).
+    id_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for key, allowed in CHOICES.items():
@@ -83,11 +92,16 @@ class ModelConfig:
         for key in ("num_items", "num_categories", "hidden_size", "num_layers", "num_heads", "max_seq_len"):
             if getattr(self, key) < 1:
                 raise ValueError(f"ModelConfig.{key}: expected a positive int, found {getattr(self, key)!r}")
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ValueError(f"ModelConfig.modality_dropout: expected a value in [0, 1), "
+                             f"found {self.modality_dropout!r}")
         if self.weight_temperature <= 0:
             raise ValueError(f"ModelConfig.weight_temperature: expected > 0, found {self.weight_temperature!r}")
         if self.category_loss == "bce" and self.category_guidance and self.num_experts > 0 \
                 and self.num_path_tokens < 1:
             raise ValueError("ModelConfig: category_loss 'bce' needs num_path_tokens >= 1 (the split's path tokens)")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"ModelConfig.id_dropout: expected a value in [0, 1), found {self.id_dropout!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"ModelConfig: hidden_size {self.hidden_size} is not divisible by "
                              f"num_heads {self.num_heads}")
@@ -105,7 +119,7 @@ class ModelConfig:
     def sasrec(self) -> ModelConfig:
         """The SASRec baseline: ID only, no CAMoE, no swap-CL, LayerNorm everywhere."""
         return replace(self, use_text=False, use_image=False, num_experts=0, category_guidance=False,
-                       swap_cl=False, norm="layernorm", score_scale="none", shared_encoder=True)
+                       swap_cl=False, norm="layernorm", score_scale="none", shared_encoder=True, score_refined=False)
 
     @property
     def category_outputs(self) -> int:
@@ -278,6 +292,23 @@ class CAMMSR(nn.Module):
         if cfg.score_scale == "learned":
             self.log_score_scale = nn.Parameter(torch.zeros(M))  # [M], exp() = 1 at the start
         self.apply(self._init)
+        if cfg.feature_init == "pca":  # after the random init, which it overwrites without drawing
+            for m in feature_mods:
+                self._pca_init(self.feature_proj[m], self.frozen[m].features[self.frozen[m].present])
+        if cfg.content_table == "frozen":  # the scored side of text/image: fixed, saved with the weights
+            for m in feature_mods:
+                basis = torch.zeros(d, given[m][2])  # [d, D_m]
+                self._pca_basis(basis, self.frozen[m].features[self.frozen[m].present])
+                self.frozen[m].register_buffer("score_basis", basis)
+
+        # Unknown item IDs (`id_rows`): one learned vector stands in for the ID embedding of every item
+        # without training interactions (items added after training, the cold-item study) and, with
+        # id_dropout, of a random fraction of the items at each training step, which is what trains it.
+        # Created after the initialisation above (zeros, no random draw), so the other weights are unchanged.
+        if "id" in self.mods:
+            self.missing["id"] = nn.Parameter(torch.zeros(d))  # [d]
+            self.register_buffer("id_unknown", torch.zeros(n, dtype=torch.bool), persistent=False)  # [N+1]
+        self._id_dropped: torch.Tensor | None = None  # [N+1] this training step's dropped IDs (`drop_ids`)
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -286,11 +317,33 @@ class CAMMSR(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    @staticmethod
+    @torch.no_grad()
+    def _pca_basis(out: torch.Tensor, feats: torch.Tensor) -> None:
+        """Write into ``out`` [d, D_m] the top principal directions of ``feats`` [n, D_m] (orthonormal rows;
+        rows beyond the features' rank stay as they are)."""
+        if len(feats) < 2:
+            return
+        _, _, vh = torch.linalg.svd(feats - feats.mean(0), full_matrices=False)  # [min(n, D_m), D_m]
+        k = min(out.shape[0], vh.shape[0])
+        out[:k] = vh[:k]
+
+    @staticmethod
+    @torch.no_grad()
+    def _pca_init(proj: nn.Linear, feats: torch.Tensor) -> None:
+        """Start ``proj`` (D_m -> d) as the projection on the top principal directions of ``feats`` [n, D_m].
+
+        The frozen features' own similarity (consecutive items are far more alike than random pairs) is
+        then in the item tables from the first step, instead of being relearned through a random projection.
+        """
+        CAMMSR._pca_basis(proj.weight, feats)  # rows beyond the features' rank keep their random init
+        proj.bias.zero_()
+
     # ---- 1. item representations ---------------------------------------------------------------
     def item_table(self, m: str, idx: torch.Tensor | None = None) -> torch.Tensor:
         """e_m for items ``idx`` (LongTensor [...]): [..., d]; without ``idx`` for all items: [N+1, d]."""
         if m == "id":
-            return self.id_emb.weight if idx is None else self.id_emb(idx)
+            return self.id_rows(idx)
         feats, present = self.frozen[m].features_for_matmul(), self.frozen[m].present  # [N+1, D_m], [N+1]
         if idx is not None:
             feats, present = feats[idx], present[idx]  # [..., D_m], [...]
@@ -298,22 +351,40 @@ class CAMMSR(nn.Module):
         return torch.where(present[..., None], e, self.missing[m])  # [..., d]
 
     def item_tables(self) -> dict[str, torch.Tensor]:
-        """e_m of every item, each [N+1, d]: projected once per batch and shared by CAMoE's inputs and
-        the score table (projecting the batch's items again would repeat the Linear on U of the N rows)."""
-        return {m: self.item_table(m) for m in self.mods}
+        """e_m of every item, each [N+1, d], for the modalities whose whole table the score table reads:
+        projected once per batch and shared by CAMoE's inputs and the score table (projecting the batch's
+        items again would repeat the Linear on U of the N rows). With ``content_table="frozen"`` (and no
+        ``score_refined``) text and image are scored on `frozen_table` instead: CAMoE then projects only
+        the batch's rows of them.
+        """
+        frozen = self.cfg.content_table == "frozen" and not (self.cfg.score_refined and self.use_moe)
+        return {m: self.item_table(m) for m in self.mods if not (frozen and m in self.frozen)}
+
+    def frozen_table(self, m: str) -> torch.Tensor:
+        """The scored table of feature modality ``m`` with ``content_table="frozen"``: [N+1, d].
+
+        The features on their top-d principal directions, fixed, so training cannot raise or lower an item
+        by its identity (popular items by how often they were targets): a text or image score says only how
+        alike the item's content is to what the sequence asks for. Items without the modality get the
+        learned missing vector.
+        """
+        f = self.frozen[m]
+        proj = f.features_for_matmul() @ f.score_basis.T  # [N+1, d]; bfloat16 under autocast
+        return torch.where(f.present[:, None], proj, self.missing[m])  # [N+1, d]
 
     # ---- 2. CAMoE and the category-guided modality weights -------------------------------------
     def camoe(self, items: torch.Tensor, tables: dict[str, torch.Tensor] | None = None
               ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
         """Refined ē_m = e_m + w_m * ê_m of the unique items ``items`` (LongTensor [U]).
 
-        ``tables`` (`item_tables`) gives the feature modalities' e_m by row; the ID stays an embedding lookup.
+        ``tables`` (`item_tables`) gives the feature modalities' e_m by row (those it holds); the ID stays an
+        embedding lookup (`id_rows`), which costs no more than a row gather.
 
         Returns:
             ē (each modality's [U, d]), the weights w [U, M] ([U, 1] ones without CAMoE) and the
             category logits [M, U, C] (None without category guidance).
         """
-        e = {m: self.item_table(m, items) if tables is None or m == "id" else tables[m][items]
+        e = {m: tables[m][items] if tables is not None and m in tables and m != "id" else self.item_table(m, items)
              for m in self.mods}  # each [U, d]
         if not self.use_moe:
             return e, e[self.mods[0]].new_ones((len(items), 1)), None
@@ -458,7 +529,15 @@ class CAMMSR(nn.Module):
 
         ``tables``: the `item_tables` of this batch, when already computed.
         """
-        tables = [self.item_table(m) if tables is None else tables[m] for m in self.mods]  # M x [N+1, d]
+        if self.cfg.score_refined and self.use_moe:  # the same refinement as the sequence side's items
+            refined, _, _ = self.camoe(torch.arange(self.cfg.num_items + 1, device=self.pos_emb.weight.device),
+                                       tables)
+            tables = [refined[m] for m in self.mods]  # M x [N+1, d]
+        elif self.cfg.content_table == "frozen":  # text/image: the features on their fixed principal directions
+            tables = [self.frozen_table(m) if m in self.frozen else
+                      self.item_table(m) if tables is None else tables[m] for m in self.mods]  # M x [N+1, d]
+        else:
+            tables = [self.item_table(m) if tables is None else tables[m] for m in self.mods]  # M x [N+1, d]
         if self.cfg.score_scale == "learned":  # scaling the table scales that modality's score term
             scale = self.log_score_scale.exp()  # [M]
             tables = [t * scale[j] for j, t in enumerate(tables)]
@@ -513,11 +592,12 @@ class CAMMSR(nn.Module):
         """
         check_seq(seq, self.cfg.max_seq_len)
         check_targets(targets, seq)
+        self.drop_ids()  # item-ID dropout for this step (unknown item IDs); before the tables read the IDs
         pos = targets > 0  # [B, L]
         last = pos.long().cumsum(1).argmax(1)  # [B] last position with a target: the contrastive loss's
         tables = self.item_tables()  # each [N+1, d]
         out = self.encode_views(seq, tables=tables, swap_last=last)
-        z = out.z[:, pos]  # [M, P, d]
+        z = self.drop_modalities(out.z)[:, pos]  # [M, P, d]
         h = z.permute(1, 0, 2).flatten(1)  # [P, M*d]
         # CE over the real items only (table rows 1..N, targets shifted by one): the same loss as
         # `scores` with the padding column at -inf, computed a block of targets at a time so that the
@@ -542,6 +622,19 @@ class CAMMSR(nn.Module):
             parts["cl"] = loss_cl.detach()
         return loss, {k: float(v) for k, v in parts.items()}
 
+    def drop_modalities(self, z: torch.Tensor) -> torch.Tensor:
+        """Modality dropout for the next-item loss: z [M, B, L, d] with each modality's output zeroed for a
+        sequence with probability ``modality_dropout`` (never all of a sequence's), so its score term is left
+        out and the others must rank the target without it: no modality can let the rest coast.
+        """
+        M, B = z.shape[:2]
+        if not self.training or self.cfg.modality_dropout <= 0 or M < 2:
+            return z
+        keep = torch.rand(M, B, device=z.device) >= self.cfg.modality_dropout  # [M, B]
+        none = ~keep.any(0)  # [B] sequences that lost every modality keep a random one
+        keep[torch.randint(M, (B,), device=z.device), torch.arange(B, device=z.device)] |= none
+        return z * keep[:, :, None, None].to(z.dtype)
+
     def category_loss(self, logits: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """L_cat of the real items ``items`` [U'] from every modality's logits [M, U', C or T].
 
@@ -558,6 +651,46 @@ class CAMMSR(nn.Module):
             return bce / max(M * len(items), 1)
         cat = self.item_category[items].clamp(min=0)  # [U']
         return F.cross_entropy(logits.flatten(0, 1), cat.repeat(M))
+    # ---- unknown item IDs ----------------------------------------------------------------------
+    def id_rows(self, idx: torch.Tensor | None = None) -> torch.Tensor:
+        """e_id of items ``idx`` (LongTensor [...]): [..., d]; without ``idx`` for all items: [N+1, d].
+
+        The ID embedding, or the learned unknown vector ``missing["id"]`` for the items marked unknown
+        (`mark_unknown_ids`) and, in training, for this step's dropped IDs (`drop_ids`). Applied to every
+        row, marked or not, so the vector always takes part in the graph (DDP needs every parameter used).
+        """
+        e = self.id_emb.weight if idx is None else self.id_emb(idx)  # [N+1 or ..., d]
+        unknown = self.id_unknown  # [N+1]
+        if self.training and self._id_dropped is not None:
+            unknown = unknown | self._id_dropped  # [N+1]
+        if idx is not None:
+            unknown = unknown[idx]  # [...]
+        return torch.where(unknown[..., None], self.missing["id"], e)  # [..., d]
+
+    def mark_unknown_ids(self, unknown: torch.Tensor) -> None:
+        """Score and encode the items where ``unknown`` (BoolTensor [N+1]) is True with the unknown ID vector.
+
+        For items the model has no trained ID row for: added to the item table after training (serving),
+        or held out of training (the cold-item study). Row 0 (padding) is never unknown. A model without
+        the ID modality has nothing to replace: a no-op.
+        """
+        if "id" not in self.mods:
+            return
+        check_table("unknown", unknown, self.cfg.num_items + 1)
+        self.id_unknown.copy_(unknown.to(self.id_unknown.device, torch.bool))
+        self.id_unknown[0] = False
+
+    def drop_ids(self) -> None:
+        """Draw this training step's item-ID dropout: each real item's ID row is replaced by the unknown
+        vector with probability ``id_dropout``, in the sequences and in the score table alike, so the model
+        learns to encode and to rank an item from its content with the unknown vector in place of its ID.
+        Draws nothing (and changes no random state) when off.
+        """
+        self._id_dropped = None
+        if self.training and self.cfg.id_dropout > 0 and "id" in self.mods:
+            drop = torch.rand(self.cfg.num_items + 1, device=self.id_unknown.device) < self.cfg.id_dropout  # [N+1]
+            drop[0] = False
+            self._id_dropped = drop
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)

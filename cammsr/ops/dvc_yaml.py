@@ -25,7 +25,7 @@ HEADER = """\
 #   dvc exp run -S train.model=sasrec  # an experiment
 # Code deps are the source folders of every module a stage's entry function imports (cammsr/ops/code_deps.py).
 """
-CATALOG_PATHS = CatalogPaths.of("${key}", "${project.data_dir}")
+CATALOG_PATHS = CatalogPaths(Path("${project.data_dir}") / "${key}")  # DVC templates, not a catalog name
 
 
 def _out_entry(out: Out, path: Path) -> str | dict[str, Any]:
@@ -45,8 +45,9 @@ def stage_entry(stage: StageSpec) -> dict[str, Any]:
     cmd = f"{stage.cli} --catalog ${{key}}" if stage.per_catalog else stage.cli
     deps = ["${item.source_dep}" if d == SOURCE else str(getattr(paths, d)) for d in stage.deps]
     deps += code_deps(stage.module)
-    body: dict[str, Any] = {"cmd": cmd, "deps": deps,
-                            "params": [p.replace("{catalog}", "${key}") for p in stage.params]}
+    body: dict[str, Any] = {"cmd": cmd, "deps": deps}
+    if stage.params:
+        body["params"] = [p.replace("{catalog}", "${key}") for p in stage.params]
     by_role: dict[str, list] = {"out": [], "metric": [], "plot": []}
     for out in stage.outs:
         by_role[out.role].append(_out_entry(out, out_path(out, paths)))

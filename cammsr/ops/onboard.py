@@ -4,17 +4,19 @@
     cammsr onboard toys ... --dry-run        # the source report and the params.yaml diff, no change
 
 `plan_onboarding` fetches and checks the sources (`cammsr.ops.source_check`) into a staging folder and
-computes the new params.yaml text; nothing in the project changes. `apply_plan` then moves the
-fetched files to where ingest looks for them (so they are not downloaded twice) and writes
-params.yaml; `discard_plan` removes the staging folder. Running the pipeline for the new catalog is
-the driver's job (`flows.onboard`, the CLI).
+computes the new params.yaml text; nothing in the project changes. A catalog the split could not use
+(its k-core leaves no user with a test target) is refused there, with the ``--min-interactions`` that
+would work; that option becomes the catalog's own k-core (``catalogs.NAME.min_interactions``).
+`apply_plan` then moves the fetched files to where ingest looks for them (so they are not downloaded
+twice) and writes params.yaml; `discard_plan` removes the staging folder. Running the pipeline for the
+new catalog is the driver's job (`flows.onboard`, the CLI). `undo_onboarding` (``cammsr onboard --undo
+NAME``) takes an onboarded catalog out again: its params.yaml lines, its data folder, its dvc.lock entries.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -24,14 +26,22 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from cammsr.core.config import PrecomputedFeatures, load_params
-from cammsr.core.paths import CatalogPaths
+from cammsr.core.paths import CATALOG_NAME, CATALOG_NAME_RULE, CatalogPaths, check_catalog_name, check_inside
 from cammsr.ingest.download import RetryPolicy, local_path
-from cammsr.ops.params_edit import ParamsEditError, add_catalog_text, unified_diff, write_if_unchanged
+from cammsr.ingest.formats import TimestampWindow
+from cammsr.ops.params_edit import (
+    ONBOARD_COMMENT,
+    ParamsEditError,
+    add_catalog_text,
+    remove_catalog_text,
+    unified_diff,
+    write_if_unchanged,
+)
 from cammsr.ops.source_check import SourceError, SourceReport, check_source
 
 log = logging.getLogger(__name__)
 
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")  # a DVC foreach key, a folder name, a Prefect artifact key
+NAME = CATALOG_NAME  # a DVC foreach key, a folder name, a Prefect artifact key
 ImagesChoice = Literal["yes", "no", "auto"]
 
 
@@ -105,21 +115,26 @@ def precomputed_sources(text_features: str | None = None, image_features: str | 
 def plan_onboarding(name: str, reviews: str, meta: str | None, images: ImagesChoice | str = "auto", *,
                     root: Path = Path("."), params_path: Path = Path("params.yaml"),
                     policy: RetryPolicy | None = None,
-                    features: dict[str, PrecomputedFeatures] | None = None) -> OnboardPlan:
+                    features: dict[str, PrecomputedFeatures] | None = None,
+                    min_interactions: int | None = None) -> OnboardPlan:
     """Check the sources of catalog ``name`` and compute the params.yaml edit; the project is not touched.
 
     ``features``: precomputed feature files by modality (`precomputed_sources`), fetched and checked
-    with the other sources and written into the catalog's entry.
+    with the other sources and written into the catalog's entry. ``min_interactions``: the catalog's own
+    k-core (else ``splits.user_core`` / ``item_core``), written into its entry.
 
     Raises:
-        ValueError: a bad name or ``images`` value.
-        SourceError: a source is unreachable, empty, of the wrong format or unusable (names the URL).
+        ValueError: a bad name, ``images`` or ``min_interactions`` value.
+        SourceError: a source is unreachable, empty, of the wrong format or unusable (names the URL), or
+            the k-core leaves no user with a test target (names a ``--min-interactions`` that would).
         ParamsEditError: the catalog exists already, or params.yaml cannot take the entry.
     """
     root = Path(root).resolve()
     params_path = params_path if Path(params_path).is_absolute() else root / params_path
     if not NAME.fullmatch(name):
-        raise ValueError(f"catalog name {name!r}: use letters, digits, '-' and '_' (at most 64, no leading '-')")
+        raise ValueError(f"catalog name {name!r}: use {CATALOG_NAME_RULE}")
+    if min_interactions is not None and (isinstance(min_interactions, bool) or min_interactions < 1):
+        raise ValueError(f"--min-interactions must be a positive integer, not {min_interactions!r}")
     choice = parse_images(images)
     old_text = params_path.read_text()
     params = load_params(params_path)
@@ -129,26 +144,28 @@ def plan_onboarding(name: str, reviews: str, meta: str | None, images: ImagesCho
     data_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".onboard-{name}-", dir=data_dir))
     try:
+        user_core = params.splits.user_core if min_interactions is None else min_interactions
+        item_core = params.splits.item_core if min_interactions is None else min_interactions
+        window = TimestampWindow.from_params(params.ingest.min_review_date, params.ingest.max_days_ahead)
         report = check_source(reviews, meta, staging / "raw", policy=policy or RetryPolicy.from_params(params.ingest),
-                              root=root, images=choice != "no", user_core=params.splits.user_core,
+                              root=root, images=choice != "no", user_core=user_core, item_core=item_core,
                               category_level=params.ingest.category_level,
                               max_quarantine_fraction=params.ingest.max_quarantine_fraction,
-                              features=features)
+                              features=features, timestamps=window)
         notes = []
         with_images = choice == "yes" or (choice == "auto" and report.has_images)
         if choice == "yes" and not report.has_images:
             notes.append("note: --images yes, but no item has an image URL: every image will be 'missing'")
-        if report.users_at_core == 0:
-            notes.append(f"warning: no user has {params.splits.user_core} interactions; the "
-                         f"{params.splits.user_core}-core split will be empty")
         feature_urls = [u for f in (features or {}).values() for u in f.urls()]
         entry: dict[str, object] = {"reviews": reviews, "meta": meta, "images": with_images,
                                     "source_dep": source_dep(reviews, meta, root, feature_urls)}
+        if min_interactions is not None:
+            entry["min_interactions"] = min_interactions
         for modality, source in (features or {}).items():
             entry[f"{modality}_features"] = source.model_dump()
         stamp = datetime.now(UTC).strftime("%Y-%m-%d")
         new_text = add_catalog_text(old_text, name, entry, source=str(params_path),
-                                    comment=f"onboarded by `cammsr onboard` on {stamp}")
+                                    comment=f"{ONBOARD_COMMENT} on {stamp}")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -179,3 +196,67 @@ def apply_plan(plan: OnboardPlan, data_dir: Path) -> CatalogPaths:
 def discard_plan(plan: OnboardPlan) -> None:
     """Remove the staging folder (after a dry run, or when the run stops)."""
     shutil.rmtree(plan.staging, ignore_errors=True)
+
+
+def undo_onboarding(name: str, *, root: Path = Path("."), params_path: Path = Path("params.yaml")) -> list[str]:
+    """Take out a catalog that ``cammsr onboard`` added: its params.yaml lines, data folder and dvc.lock entries.
+
+    Only an entry that onboarding wrote (the comment above it says so) is removed, and only when removing
+    its lines gives a file that onboarding would turn back into the current one; anything else is
+    refused, so a hand-written catalog or a hand-edited file is never cut into.
+
+    Returns:
+        What was removed, one line each.
+
+    Raises:
+        ValueError / UnsafePathError: a bad name.
+        ParamsEditError: the catalog is not in params.yaml, was not added by onboarding, or its lines
+            cannot be taken out cleanly (params.yaml is then unchanged).
+    """
+    check_catalog_name(name)
+    root = Path(root).resolve()
+    params_path = params_path if Path(params_path).is_absolute() else root / params_path
+    text = params_path.read_text()
+    params = load_params(params_path)
+    data_root = root / params.project.data_dir
+    new_text = remove_catalog_text(text, name, source=str(params_path))
+    write_if_unchanged(params_path, text, new_text)
+    done = [f"{params_path}: removed catalogs.{name}"]
+    folder = check_inside(CatalogPaths.of(name, data_root).root, data_root, "catalog folder")
+    if folder.exists():
+        shutil.rmtree(folder)
+        done.append(f"{folder}: removed")
+    for leftover in [*data_root.glob(f".onboard-{name}-*"), *data_root.glob(f".locks/*@{name}.lock*")]:
+        if leftover.is_dir():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            leftover.unlink(missing_ok=True)
+    removed = _drop_lock_entries(root / "dvc.lock", name)
+    if removed:
+        done.append(f"{root / 'dvc.lock'}: removed {', '.join(removed)}")
+    for line in done:
+        log.info(line)
+    return done
+
+
+def _drop_lock_entries(lock: Path, name: str) -> list[str]:
+    """Remove the ``<stage>@<name>`` entries of dvc.lock (round trip: the rest stays as DVC wrote it)."""
+    if not lock.is_file():
+        return []
+    from ruamel.yaml import YAML
+
+    from cammsr.core.atomic import atomic_path
+
+    y = YAML()
+    y.width = 4096
+    data = y.load(lock.read_text())
+    stages = data.get("stages") if hasattr(data, "get") else None
+    if not stages:
+        return []
+    gone = [key for key in list(stages) if str(key).endswith(f"@{name}")]
+    for key in gone:
+        del stages[key]
+    if gone:
+        with atomic_path(lock, suffix=".lock") as tmp, open(tmp, "w") as fh:
+            y.dump(data, fh)
+    return gone

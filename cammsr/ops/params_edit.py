@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import difflib
 import io
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,9 +23,12 @@ from ruamel.yaml.util import load_yaml_guess_indent
 
 from cammsr.core.atomic import write_bytes_atomic
 from cammsr.core.config import Params
+from cammsr.core.errors import BadInput
+
+ONBOARD_COMMENT = "onboarded by `cammsr onboard`"  # the comment line above every entry onboarding adds
 
 
-class ParamsEditError(ValueError):
+class ParamsEditError(BadInput, ValueError):
     """The edit cannot be made (catalog exists, file changed meanwhile, result invalid); names the file."""
 
 
@@ -48,6 +52,13 @@ def _last_leaf(mapping: CommentedMap) -> tuple[CommentedMap, Any]:
     while isinstance(node[key], CommentedMap) and len(node[key]):
         node, key = node[key], list(node[key])[-1]
     return node, key
+
+
+def _commented(value: Any) -> Any:
+    """Mappings (nested ones too) as CommentedMap, so `_last_leaf` reaches the real last line of an entry."""
+    if isinstance(value, Mapping):
+        return CommentedMap((k, _commented(v)) for k, v in value.items())
+    return value
 
 
 def _move_trailing_lines(catalogs: CommentedMap, new: CommentedMap) -> None:
@@ -91,7 +102,7 @@ def add_catalog_text(text: str, name: str, entry: Mapping[str, Any], *, comment:
         raise ParamsEditError(f"{source}: expected a non-empty `catalogs:` mapping to add {name!r} to")
     if name in catalogs:
         raise ParamsEditError(f"{source}: catalogs.{name} exists already; pick another name or remove it first")
-    new = CommentedMap(entry)
+    new = _commented(entry)  # nested too: the blank lines after the entry must follow its innermost last key
     _move_trailing_lines(catalogs, new)
     catalogs[name] = new
     if comment:
@@ -118,6 +129,44 @@ def validate_params_text(text: str, source: str = "params.yaml") -> Params:
         return Params.model_validate(yaml.safe_load(text))
     except (yaml.YAMLError, ValidationError) as exc:
         raise ParamsEditError(f"{source}: the edited params would be invalid: {exc}") from exc
+
+
+def remove_catalog_text(text: str, name: str, *, source: str = "params.yaml") -> str:
+    """``text`` without the lines `add_catalog_text` added for catalog ``name`` (its comment and entry).
+
+    Raises:
+        ParamsEditError: ``name`` is not a catalog here, its entry does not carry onboarding's comment,
+            or taking its lines out would not leave exactly the other params (then remove it by hand).
+    """
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if re.match(r"catalogs:\s*(#.*)?$", line)), None)
+    if start is None:
+        raise ParamsEditError(f"{source}: no top-level `catalogs:` mapping")
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip() and not lines[i][0].isspace()),
+               len(lines))  # the next top-level key
+    keys = [i for i in range(start + 1, end) if lines[i].strip() and not lines[i].lstrip().startswith("#")]
+    indent = len(lines[keys[0]]) - len(lines[keys[0]].lstrip()) if keys else 0
+    key = next((i for i in keys if len(lines[i]) - len(lines[i].lstrip()) == indent
+                and re.match(rf"\s*{re.escape(name)}:\s*(#.*)?$", lines[i])), None)
+    if key is None:
+        raise ParamsEditError(f"{source}: catalogs.{name} is not there; nothing to undo")
+    if not lines[key - 1].strip().startswith(f"# {ONBOARD_COMMENT}"):
+        raise ParamsEditError(f"{source}: catalogs.{name} was not added by `cammsr onboard` (no "
+                              f"'# {ONBOARD_COMMENT}' line above it); remove it by hand if you mean to")
+    stop = key + 1
+    while stop < end and lines[stop].strip() and len(lines[stop]) - len(lines[stop].lstrip()) > indent:
+        stop += 1
+    out = "".join(lines[: key - 1] + lines[stop:])
+    before, after = yaml.safe_load(text), yaml.safe_load(out)
+    expected = copy.deepcopy(before)
+    del expected["catalogs"][name]
+    if after != expected:
+        raise ParamsEditError(f"{source}: catalogs.{name} cannot be cut out cleanly (was its entry edited?); "
+                              f"remove it by hand")
+    if not expected["catalogs"]:
+        raise ParamsEditError(f"{source}: catalogs.{name} is the only catalog; params.yaml needs one, so it stays")
+    validate_params_text(out, source)
+    return out
 
 
 def unified_diff(old: str, new: str, path: str | Path) -> str:

@@ -118,8 +118,18 @@ def _encode_image(fn, p, ctx: StageContext) -> StageSummary:
               precomputed=p.catalogs[ctx.catalog].image_features)
 
 
+def split_params(p: Params, catalog: str):
+    """``splits`` with the catalog's own k-core (``catalogs.NAME.min_interactions``) when it has one."""
+    k = p.catalogs[catalog].min_interactions
+    return p.splits if k is None else p.splits.model_copy(update={"user_core": k, "item_core": k})
+
+
 def _split(fn, p, ctx: StageContext) -> StageSummary:
-    return fn(ctx.catalog, p.splits, ctx.paths)
+    return fn(ctx.catalog, split_params(p, ctx.catalog), ctx.paths)
+
+
+def _split_features(fn, p, ctx: StageContext) -> StageSummary:
+    return fn(ctx.catalog, ctx.paths)
 
 
 def _train(fn, p, ctx: StageContext) -> StageSummary:
@@ -128,6 +138,10 @@ def _train(fn, p, ctx: StageContext) -> StageSummary:
 
 def _evaluate(fn, p, ctx: StageContext) -> StageSummary:
     return fn(ctx.catalog, p.splits, p.evaluate, p.project, ctx.paths)
+
+
+def _recommend(fn, p, ctx: StageContext) -> StageSummary:
+    return fn(ctx.catalog, p.recommend, ctx.paths, device=p.project.device, **ctx.options)
 
 
 _WHERE_ENCODING_RUNS = ("project.device", "features.runner", "features.dask_address", "features.dask_workers",
@@ -166,22 +180,36 @@ STAGES: tuple[StageSpec, ...] = (
         help="Encode item images (open_clip) into the feature store.",
     ),
     StageSpec(
-        "split", "cammsr.data.splits:run_split", _split, params=("splits",), cli="cammsr split",
+        "split", "cammsr.data.splits:run_split", _split, params=("splits", "catalogs.{catalog}"), cli="cammsr split",
         deps=("interactions", "items"), outs=(Out("splits_dir"),),
         help="k-core filter, item/category index, chronological leave-one-out.",
     ),
     StageSpec(
+        "split_features", "cammsr.data.split_features:run_split_features", _split_features, params=(),
+        cli="cammsr split-features", deps=("splits_dir", "text_features", "image_features"),
+        outs=(Out("split_features_dir"),),
+        help="Cut each feature store to the split's items (what train and evaluate read; the same bytes "
+             "when a refresh only adds items, so training does not rerun).",
+    ),
+    StageSpec(
         "train", "cammsr.train.trainer:run_train", _train, params=("train", "splits", "evaluate", "project"),
-        cli="cammsr train", deps=("splits_dir", "text_features", "image_features"),
+        cli="cammsr train", deps=("splits_dir", "split_features_dir"),
         outs=(Out("models_dir"), Out("train_metrics", role="metric", cache=False),
               Out("train_plots", role="plot", cache=False, plot_x="step")),
         help="Train CAMMSR (or SASRec, train.model) with early stopping on validation NDCG@10.",
     ),
     StageSpec(
         "evaluate", "cammsr.evaluate.stage:run_evaluate", _evaluate, params=("splits", "evaluate", "project"),
-        cli="cammsr evaluate", deps=("checkpoint", "splits_dir", "text_features", "image_features"),
+        cli="cammsr evaluate", deps=("checkpoint", "splits_dir", "split_features_dir"),
         outs=(Out("metrics", role="metric", cache=False), Out("eval_dir", cache=False)),
         help="Full-ranking HR/NDCG/MRR of the best checkpoint beside most-popular.",
+    ),
+    StageSpec(
+        "recommend", "cammsr.evaluate.recommend:run_recommend", _recommend, params=("recommend",),
+        untracked=("project.device",), cli="cammsr recommend",
+        deps=("checkpoint", "splits_dir", "items", "text_features", "image_features"),
+        outs=(Out("recommendations"),),
+        help="Top-k items of every user from the trained model, new items ranked from their content.",
     ),
 )
 BY_NAME: dict[str, StageSpec] = {s.name: s for s in STAGES}

@@ -7,13 +7,17 @@ fields the items have, how many items are described, which modalities the catalo
 
 Anything that would make ingest fail is a `SourceError` naming the URL: unreachable (404, refused),
 empty, not an Amazon reviews/metadata file (wrong format, or the two files swapped), too many
-malformed lines, no valid review.
+malformed lines (reviews dated outside ``ingest``'s window among them), no valid review. So is a catalog
+the split could not use: the k-core filter is run here on the parsed reviews (`core_report`, what the split
+stage will keep), and when it leaves no user with the three interactions leave-one-out needs, the error
+gives the numbers and the largest k-core that would keep some (``cammsr onboard --min-interactions K``).
 """
 
 from __future__ import annotations
 
 import logging
 import zlib
+from array import array
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,9 +25,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import polars as pl
+
 from cammsr.core.config import PrecomputedFeatures
+from cammsr.core.errors import BadInput
+from cammsr.data.kcore import kcore
 from cammsr.ingest.download import DownloadError, FetchResult, RetryPolicy, download_sources
-from cammsr.ingest.formats import GZIP_MAGIC, FormatError, Kind, SourceReader, decode_record, iter_lines
+from cammsr.ingest.formats import (
+    GZIP_MAGIC,
+    CorruptFileError,
+    FormatError,
+    Kind,
+    SourceReader,
+    TimestampWindow,
+    decode_record,
+    iter_lines,
+)
 from cammsr.ingest.normalize import category_label
 from cammsr.ingest.quarantine import Quarantine
 from features.imported import FeatureFileError, read_features
@@ -35,8 +52,44 @@ TEXT_FIELDS = ("title", "description", "brand", "categories")  # what features.t
 SCHEMA_RECORDS = 20  # records whose keys make the schema line (as many as format detection reads)
 
 
-class SourceError(ValueError):
+MIN_SEQUENCE = 3  # leave-one-out: a user needs a training item, a valid and a test target
+
+
+class SourceError(BadInput, ValueError):
     """A source file cannot be onboarded; the message names the URL and what is wrong."""
+
+
+@dataclass(frozen=True)
+class CoreReport:
+    """What the split's k-core filter keeps of the catalog's interactions (exact duplicates dropped, as ingest)."""
+
+    user_core: int
+    item_core: int
+    interactions: int
+    users: int
+    items: int
+    test_users: int  # kept users with at least MIN_SEQUENCE interactions: they get a valid and a test target
+
+    def line(self) -> str:
+        return (f"{self.user_core}/{self.item_core}-core keeps {self.interactions:,} interactions, "
+                f"{self.users:,} users ({self.test_users:,} with a test target), {self.items:,} items")
+
+
+def core_report(pairs: pl.DataFrame, user_core: int, item_core: int) -> CoreReport:
+    """Run the split's k-core on ``pairs`` (user_id, item_id, timestamp; duplicates already dropped)."""
+    kept = kcore(pairs, user_core, item_core)
+    per_user = kept.group_by("user_id").len()
+    return CoreReport(user_core, item_core, kept.height, per_user.height, kept.get_column("item_id").n_unique(),
+                      int((per_user.get_column("len") >= MIN_SEQUENCE).sum()))
+
+
+def suggest_core(pairs: pl.DataFrame, below: int) -> CoreReport | None:
+    """The largest k < ``below`` whose k-core gives some user a test target, or None when none does."""
+    for k in range(below - 1, 0, -1):
+        report = core_report(pairs, k, k)
+        if report.test_users:
+            return report
+    return None
 
 
 @dataclass
@@ -91,6 +144,8 @@ class SourceReport:
     rated: int
     first_day: str
     last_day: str
+    core: CoreReport | None = None  # what the split will keep
+    out_of_window: int = 0  # reviews quarantined for a time outside ingest's window
     described: int = 0  # reviewed items that have a metadata record
     fields: dict[str, int] = field(default_factory=dict)  # reviewed items with a non-empty field
     examples: dict[str, str] = field(default_factory=dict)
@@ -128,6 +183,11 @@ class SourceReport:
         out.append(f"  {self.interactions:,} interactions, {self.users:,} users, {self.items:,} items, "
                    f"{self.rated:,} rated, {self.first_day} .. {self.last_day}; "
                    f"{self.users_at_core:,} users have >= {self.user_core} interactions")
+        if self.out_of_window:
+            out.append(f"  {self.out_of_window:,} reviews dated outside ingest.min_review_date .. now + "
+                       f"ingest.max_days_ahead (quarantined)")
+        if self.core is not None:
+            out.append(f"  split: {self.core.line()}")
         if self.meta is None:
             out.append("meta: none (items get no text and category 'unknown')")
         else:
@@ -166,6 +226,8 @@ def _readable(url: str) -> Iterator[None]:
     """Turn a gzip stream that breaks while it is read (cut short past its first records) into a SourceError."""
     try:
         yield
+    except CorruptFileError as exc:  # names the URL and the line already
+        raise SourceError(str(exc)) from exc
     except UNREADABLE as exc:
         raise _fail(url, f"unreadable ({exc})") from exc
 
@@ -173,10 +235,10 @@ def _readable(url: str) -> Iterator[None]:
 def _file_report(result: FetchResult, kind: Kind, reader: SourceReader) -> FileReport:
     keys: set[str] = set()
     seen = 0
-    for _, raw in iter_lines(result.path):
+    for _, raw in iter_lines(result.path, result.entry.url):
         try:
-            keys |= decode_record(raw).keys()
-        except ValueError:
+            keys |= {str(k) for k in decode_record(raw)}
+        except Exception:  # an undecodable record adds no keys, whatever it is
             continue
         seen += 1
         if seen >= SCHEMA_RECORDS:
@@ -186,12 +248,14 @@ def _file_report(result: FetchResult, kind: Kind, reader: SourceReader) -> FileR
     return FileReport(kind, result.entry.url, result.entry.bytes, gzipped, str(reader.format), sorted(keys))
 
 
-def _reader(result: FetchResult, kind: Kind, quarantine: Quarantine) -> SourceReader:
+def _reader(result: FetchResult, kind: Kind, quarantine: Quarantine,
+            timestamps: TimestampWindow | None = None) -> SourceReader:
     url = result.entry.url
     try:
-        first = next((raw for _, raw in iter_lines(result.path)), None)
-        reader = SourceReader(result.path, kind, quarantine, file=url, progress=False) if first else None
-    except FormatError as exc:
+        first = next((raw for _, raw in iter_lines(result.path, url)), None)
+        reader = SourceReader(result.path, kind, quarantine, file=url, progress=False,
+                              timestamps=timestamps) if first else None
+    except (FormatError, CorruptFileError) as exc:  # they name the URL already
         raise SourceError(str(exc)) from exc
     except UNREADABLE as exc:
         raise _fail(url, f"unreadable ({exc})") from exc
@@ -227,9 +291,11 @@ def check_source(
     root: Path = Path("."),
     images: bool = True,
     user_core: int = 5,
+    item_core: int | None = None,
     category_level: int = 1,
     max_quarantine_fraction: float = 0.01,
     features: dict[str, PrecomputedFeatures] | None = None,
+    timestamps: TimestampWindow | None = None,
 ) -> SourceReport:
     """Fetch ``reviews`` (and ``meta``) into ``raw_dir`` and check that ingest can use them.
 
@@ -238,12 +304,17 @@ def check_source(
         raw_dir: where the files land, with ``manifest.json`` (ingest's layout).
         policy: retries and timeouts (from ``params.ingest``).
         images: whether the catalog will fetch images (only affects the modality report).
-        user_core, category_level, max_quarantine_fraction: the project's params, for the counts.
+        user_core, item_core: the split's k-core (``item_core`` defaults to ``user_core``); a catalog whose
+            k-core leaves no user with a test target is refused, naming a k-core that would keep some.
+        category_level, max_quarantine_fraction: the project's params, for the counts.
         features: precomputed feature files by modality (``text``/``image``), fetched and checked too.
+        timestamps: review times ingest accepts (default: 1995-01-01 .. now + 1 day); others are quarantined.
 
     Raises:
         SourceError: the first problem found, naming the URL.
     """
+    item_core = user_core if item_core is None else item_core
+    timestamps = timestamps or TimestampWindow.from_params()
     features = features or {}
     urls = [reviews] + ([meta] if meta else []) + [u for f in features.values() for u in f.urls()]
     try:
@@ -253,16 +324,21 @@ def check_source(
         raise _fail(exc.url, f"not reachable: {exc.reason}") from exc
 
     quarantine = _SampleQuarantine()  # in memory: the check writes nothing but the fetched files
-    reader = _reader(fetched[0], "reviews", quarantine)
-    rev_report = _file_report(fetched[0], "reviews", reader)
+    with _readable(reviews):
+        reader = _reader(fetched[0], "reviews", quarantine, timestamps)
+        rev_report = _file_report(fetched[0], "reviews", reader)
     per_user: Counter[str] = Counter()
-    items: dict[str, None] = {}
+    user_codes: dict[str, int] = {}
+    items: dict[str, int] = {}  # item -> code, in order of first appearance
+    codes = {"user_id": array("q"), "item_id": array("q"), "timestamp": array("q")}  # compact, for the k-core
     rated = 0
     first, last = None, None
     with _readable(reviews):
         for review in reader:
             per_user[review.user_id] += 1
-            items.setdefault(review.item_id)
+            codes["user_id"].append(user_codes.setdefault(review.user_id, len(user_codes)))
+            codes["item_id"].append(items.setdefault(review.item_id, len(items)))
+            codes["timestamp"].append(review.timestamp)
             rated += review.rating is not None
             first = review.timestamp if first is None else min(first, review.timestamp)
             last = review.timestamp if last is None else max(last, review.timestamp)
@@ -270,10 +346,13 @@ def check_source(
     _check_quarantine(rev_report, quarantine, max_quarantine_fraction)
     if not per_user:
         raise _fail(reviews, f"no valid review in {reader.lines} records")
+    pairs = pl.DataFrame({k: pl.Series(k, v, pl.Int64) for k, v in codes.items()}).unique(maintain_order=True)
+    del codes
     report = SourceReport(
         rev_report, None, interactions=sum(per_user.values()), users=len(per_user), items=len(items),
         users_at_core=sum(n >= user_core for n in per_user.values()), user_core=user_core, rated=rated,
         first_day=_day(first), last_day=_day(last), images_wanted=images,
+        core=core_report(pairs, user_core, item_core), out_of_window=reader.out_of_window,
     )
     if meta:
         _read_meta(report, fetched[1], items, quarantine, category_level, max_quarantine_fraction)
@@ -290,14 +369,32 @@ def check_source(
                                      f"(e.g. {matrix.item_ids[:3]}); is the index the right one?")
         report.features[modality] = FeatureReport(source.file, matrix.format, len(matrix.item_ids), matrix.dim,
                                                   covered)
+    _check_core(reviews, report, pairs)  # after the files' own problems, which say more
     log.info("source check: %s", "; ".join(f"{m} {why}" for m, why in report.modalities().items()))
     return report
 
 
+def _check_core(url: str, report: SourceReport, pairs: pl.DataFrame) -> None:
+    """Refuse a catalog whose k-core gives no user a test target: its split, training and evaluation would fail."""
+    core = report.core
+    assert core is not None
+    if core.test_users:
+        return
+    found = (f"its {core.user_core}/{core.item_core}-core keeps {core.interactions:,} of {report.interactions:,} "
+             f"interactions and no user with the {MIN_SEQUENCE} interactions leave-one-out needs "
+             f"({report.users:,} users, {report.users_at_core:,} with >= {core.user_core} reviews)")
+    better = suggest_core(pairs, min(core.user_core, core.item_core))
+    if better is None:
+        raise _fail(url, f"{found}, and no k-core keeps one: no user has {MIN_SEQUENCE} reviews of items "
+                         f"that others reviewed too, so the catalog cannot be split for evaluation")
+    raise _fail(url, f"{found}; with --min-interactions {better.user_core} the {better.line()}")
+
+
 def _read_meta(report: SourceReport, fetched: FetchResult, items: dict[str, None], quarantine: Quarantine,
                category_level: int, max_fraction: float) -> None:
-    reader = _reader(fetched, "meta", quarantine)
-    report.meta = _file_report(fetched, "meta", reader)
+    with _readable(fetched.entry.url):
+        reader = _reader(fetched, "meta", quarantine)
+        report.meta = _file_report(fetched, "meta", reader)
     fields: Counter[str] = Counter()
     labels: set[str] = set()
     seen: set[str] = set()

@@ -41,6 +41,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "ID-only": {"use_text": False, "use_image": False},
     "category noise 10%": {"category_noise": 0.1},
     "category noise 20%": {"category_noise": 0.2},
+    "item-ID dropout 0.1": {"id_dropout": 0.1},  # trains the unknown-ID vector (new and cold items)
 }
 METRICS = [f"{m}@{k}" for m in ("hr", "ndcg", "mrr") for k in (5, 10, 20)]
 

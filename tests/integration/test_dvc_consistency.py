@@ -10,7 +10,8 @@ import yaml
 from tests.integration.conftest import dvc
 
 pytestmark = pytest.mark.slow  # `dvc repro` of the whole DAG, then Prefect runs of it
-STAGES = ["demo_source", "ingest", "encode_text", "encode_image", "split", "train", "evaluate"]
+STAGES = ["demo_source", "ingest", "encode_text", "encode_image", "split", "split_features", "train", "evaluate",
+          "recommend"]
 
 
 def _copy(src, dest):
@@ -47,7 +48,8 @@ def test_after_dvc_repro_the_flow_redoes_nothing_even_on_dask(dvc_project, tmp_p
     assert [s["stage"] for s in result["demo"]] == STAGES
     assert all(s["skipped"] for s in result["demo"])
     last = json.loads((root / "data/demo/summaries/evaluate.json").read_text())
-    assert result["demo"][-1]["counts"] == last["counts"]  # a skipped stage reports its last summary
+    evaluate = next(s for s in result["demo"] if s["stage"] == "evaluate")
+    assert evaluate["counts"] == last["counts"]  # a skipped stage reports its last summary
     assert _snapshot(root) == before  # not one output rewritten
     assert (root / "dvc.lock").read_bytes() == lock
 
@@ -61,9 +63,10 @@ def test_the_flow_reruns_what_dvc_would_and_leaves_dvc_nothing_to_do(dvc_project
 
     result = {s["stage"]: s for s in pipeline(catalogs=["demo"], root=str(root))["demo"]}
     assert result["train"]["skipped"] is False and result["train"]["counts"]["epochs_run"] == 1
-    assert all(result[s]["skipped"] for s in STAGES[:5])
+    assert all(result[s]["skipped"] for s in STAGES[:6])
     assert _stale(root) == []
     repro = dvc(root, "repro")
     assert repro.returncode == 0 and "Running stage" not in repro.stdout, repro.stdout + repro.stderr
-    model = "data/demo/models/model.pt"  # evaluate's dep: it reruns exactly when training changed the checkpoint
-    assert result["evaluate"]["skipped"] is ((root / model).read_bytes() == (dvc_project / model).read_bytes())
+    model = "data/demo/models/model.pt"  # evaluate's and recommend's dep: they rerun when training changed it
+    same_model = (root / model).read_bytes() == (dvc_project / model).read_bytes()
+    assert result["evaluate"]["skipped"] is same_model and result["recommend"]["skipped"] is same_model

@@ -10,7 +10,8 @@ import pytest
 from tests.integration.conftest import dvc, make_project_copy
 
 pytestmark = pytest.mark.slow  # a Prefect run of the whole DAG, compared with `dvc repro`'s
-STAGES = ["demo_source", "ingest", "encode_text", "encode_image", "split", "train", "evaluate"]
+STAGES = ["demo_source", "ingest", "encode_text", "encode_image", "split", "split_features", "train", "evaluate",
+          "recommend"]
 
 
 @pytest.fixture(scope="module")

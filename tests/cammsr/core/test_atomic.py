@@ -84,3 +84,40 @@ def test_a_writer_that_fails_midway_keeps_the_old_json(tmp_path):
         write_json_atomic(target, {(1, 2): "a tuple key"})  # default=str covers values, not keys
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+# ------------------------------------------------------------------------------ the stage's temp folder, modes
+
+
+def test_inside_a_stage_temp_files_go_to_its_folder_which_the_next_run_clears(tmp_path):
+    from cammsr.core.atomic import stage_temp_dir
+
+    folder = tmp_path / "cat" / ".tmp" / "ingest"
+    folder.mkdir(parents=True)
+    (folder / ".interactions.parquet.dead00.parquet").write_bytes(b"left by a killed run")
+    target = tmp_path / "cat" / "images" / "ab" / "x.png"
+    with stage_temp_dir(folder):
+        assert list(folder.iterdir()) == []  # cleared on entry
+        with stage_temp_dir(folder), atomic_path(target) as tmp:  # re-entrant: the runner and the stage both may
+            assert tmp.parent == folder
+            tmp.write_bytes(b"img")
+        assert folder.is_dir()
+    assert target.read_bytes() == b"img"
+    assert not (tmp_path / "cat" / ".tmp").exists()  # removed, the shared .tmp/ too once empty
+
+
+def test_atomic_writes_get_the_mode_of_a_plain_write(tmp_path):
+    old = os.umask(0o027)
+    try:
+        write_bytes_atomic(tmp_path / "new", b"x")
+        assert oct((tmp_path / "new").stat().st_mode & 0o777) == "0o640"  # 0666 minus the umask, not 0600
+        (tmp_path / "kept").write_bytes(b"x")
+        os.chmod(tmp_path / "kept", 0o664)
+        write_bytes_atomic(tmp_path / "kept", b"y")
+        assert oct((tmp_path / "kept").stat().st_mode & 0o777) == "0o664"  # a file's own mode survives
+        (tmp_path / "cached").write_bytes(b"x")
+        os.chmod(tmp_path / "cached", 0o444)  # a read-only DVC cache link is not copied as read-only
+        write_bytes_atomic(tmp_path / "cached", b"y")
+        assert oct((tmp_path / "cached").stat().st_mode & 0o777) == "0o640"
+    finally:
+        os.umask(old)

@@ -130,7 +130,7 @@ def test_malformed_lines_are_quarantined_with_their_line_numbers(tmp_path: Path)
     reasons = {r.line: r.reason for r in q.records}
     assert "neither JSON nor a Python literal" in reasons[2]
     assert reasons[4] == "missing reviewerID"
-    assert reasons[6] == "expected an object, found list"
+    assert reasons[6] == "expected an object, found a JSON array: expected JSON Lines, one object per line"
     assert "unixReviewTime: expected an integer" in reasons[7]
     assert "not UTF-8" in reasons[8]
     assert "overall: expected a number" in reasons[9]

@@ -52,7 +52,8 @@ def test_statuses_layout_and_reuse(httpserver: HTTPServer, tmp_path: Path) -> No
     ]
     cat = tmp_path / "cat"
     params = IngestParams(concurrency=3, max_image_bytes=len(big) - 1)
-    table, counts = fetch_images(items, cat, cat / "images.parquet", params, root=tmp_path, policy=FAST)
+    table, counts = fetch_images(items, cat, cat / "images.parquet", params, root=tmp_path, policy=FAST,
+                                 local_root=tmp_path / "src")
 
     assert table.schema == IMAGES_SCHEMA
     rows = {r["item_id"]: r for r in table.to_pylist()}
@@ -81,7 +82,8 @@ def test_statuses_layout_and_reuse(httpserver: HTTPServer, tmp_path: Path) -> No
     pq.write_table(table, cat / "images.parquet")
     requests_before = len(httpserver.log)
     stored = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (cat / "images").rglob("*") if p.is_file()}
-    again, counts2 = fetch_images(items, cat, cat / "images.parquet", params, root=tmp_path, policy=FAST)
+    again, counts2 = fetch_images(items, cat, cat / "images.parquet", params, root=tmp_path, policy=FAST,
+                                  local_root=tmp_path / "src")
     assert again.equals(table) and (counts2.ok, counts2.reused) == (2, 2)
     # the two ok images were neither fetched nor rewritten; every other URL was asked again, 503s with retries
     retried = Counter(r.path for r, _ in httpserver.log[requests_before:])
@@ -90,7 +92,8 @@ def test_statuses_layout_and_reuse(httpserver: HTTPServer, tmp_path: Path) -> No
     assert counts2.bytes_downloaded == len(jpg) // 2 + len(b"<html>not an image</html>")
 
     (cat / rows["A"]["path"]).write_bytes(b"tampered")  # sha256 no longer matches: fetched again
-    third, counts3 = fetch_images(items, cat, cat / "images.parquet", params, root=tmp_path, policy=FAST)
+    third, counts3 = fetch_images(items, cat, cat / "images.parquet", params, root=tmp_path, policy=FAST,
+                                  local_root=tmp_path / "src")
     assert counts3.reused == 1 and (cat / rows["A"]["path"]).read_bytes() == png
 
 
@@ -99,7 +102,7 @@ def test_decompression_bomb_guard(tmp_path: Path) -> None:
     (tmp_path / "wide.png").write_bytes(encode("PNG", size=64))
     params = IngestParams(max_image_pixels=64 * 64 - 1)
     table, counts = fetch_images([("W", "wide.png")], tmp_path / "cat", tmp_path / "none.parquet", params,
-                                 root=tmp_path, policy=FAST)
+                                 root=tmp_path, policy=FAST, local_root=tmp_path)
     assert table["status"].to_pylist() == ["failed: too many pixels (> 4095)"] and counts.failed == 1
 
 

@@ -70,3 +70,18 @@ def test_items_follow_interaction_order_across_metadata_batches(monkeypatch):
     assert table["category"].to_pylist() == ["Ca", "unknown", "Cc", "Ce"]
     assert table["image_url"].to_pylist() == ["https://h/img/a.jpg", None, "https://h/img/c.jpg", "https://h/img/e.jpg"]
     assert (stats.items_without_meta, stats.meta_unused, stats.meta_duplicates) == (1, 3, 1)  # unused: d, b, zz
+
+
+def test_unreviewed_items_are_kept_after_the_reviewed_ones_when_asked():
+    metas = [ItemMeta("b", "tb", None, None, ("Toys", "Cb"), None),
+             ItemMeta("new1", "n1", None, None, ("Toys", "Cn"), "i.jpg"), ItemMeta("a", "ta", None, None, (), None),
+             ItemMeta("new1", "a repeat", None, None, (), None), ItemMeta("new0", "n0", None, None, (), None)]
+    table, stats = build_items(["a", "x", "b"], metas, category_level=1, meta_url="https://h/meta.json.gz",
+                               keep_unreviewed=True)
+    assert table["item_id"].to_pylist() == ["a", "x", "b", "new1", "new0"]  # reviewed first, then metadata order
+    assert table["title"].to_pylist() == ["ta", None, "tb", "n1", "n0"]
+    assert table["category"].to_pylist() == ["unknown", "unknown", "Cb", "Cn", "unknown"]
+    assert table["image_url"].to_pylist()[3] == "https://h/i.jpg"
+    assert (stats.items_without_meta, stats.meta_unused, stats.meta_duplicates) == (1, 2, 1)
+    reviewed_only, _ = build_items(["a", "x", "b"], metas, category_level=1, meta_url=None)
+    assert reviewed_only["item_id"].to_pylist() == ["a", "x", "b"]

@@ -22,6 +22,7 @@ from cammsr.ingest.stage import run_ingest
 
 FAST = RetryPolicy(retries=1, timeout_s=5.0, backoff_base_s=0.01, backoff_max_s=0.02)
 REVIEWS_URL, META_URL = "file:src/reviews_T_5.json.gz", "file:src/meta_T.json.gz"
+T0 = 1_400_000_000  # 2014-05-13: review times are T0 + t (inside ingest's window)
 
 
 def png() -> bytes:
@@ -31,7 +32,7 @@ def png() -> bytes:
 
 
 def review(user: str, item: str, t: int, rating: float) -> str:
-    return json.dumps({"reviewerID": user, "asin": item, "overall": rating, "unixReviewTime": t,
+    return json.dumps({"reviewerID": user, "asin": item, "overall": rating, "unixReviewTime": T0 + t,
                        "helpful": [0, 0], "reviewText": "..."})
 
 
@@ -71,7 +72,7 @@ def test_end_to_end_on_file_urls(tmp_path: Path) -> None:
 
     interactions = pq.read_table(paths.interactions)
     assert interactions.schema.equals(INTERACTIONS_SCHEMA)
-    assert [tuple(r.values()) for r in interactions.to_pylist()] == [
+    assert [(u, i, t - T0, r) for u, i, t, r in (tuple(r.values()) for r in interactions.to_pylist())] == [
         ("u1", "I2", 300, 4.0), ("u1", "I1", 100, 5.0), ("u2", "I1", 100, 3.0), ("u3", "I3", 200, 2.0),
         ("u2", "I4", 50, 5.0),
     ]
@@ -107,8 +108,8 @@ def test_end_to_end_on_file_urls(tmp_path: Path) -> None:
     assert counts == {
         "reviews_lines": 7, "interactions": 5, "duplicates_dropped": 1, "users": 3, "items": 4,
         "items_without_meta": 1, "meta_lines": 5, "meta_unused": 1, "meta_duplicates": 1, "quarantined": 1,
-        "quarantined_by_file": {reviews_file: 1, f"raw/{raw_name(META_URL)}": 0},
-        "images_ok": 1, "images_missing": 2, "images_failed": 1, "images_reused": 0,
+        "quarantined_by_file": {reviews_file: 1, f"raw/{raw_name(META_URL)}": 0}, "out_of_window": 0,
+        "images_ok": 1, "images_missing": 2, "images_failed": 1, "images_refused": 0, "images_reused": 0,
         "bytes_downloaded": raw_bytes + len(png()) + len(b"\xff\xd8\xff\xe0 truncated jpeg"),
         "files_unchanged": 0,
     }
@@ -143,6 +144,20 @@ def test_images_off_and_no_meta(tmp_path: Path) -> None:
     assert summary.counts["items_without_meta"] == 4 and summary.counts["images_missing"] == 4
     assert set(pq.read_table(paths.images_table)["status"].to_pylist()) == {"missing"}
     assert set(pq.read_table(paths.items)["category"].to_pylist()) == {"unknown"}
+
+
+def test_unreviewed_items_join_the_catalog_when_asked(tmp_path: Path) -> None:
+    build_catalog(tmp_path)
+    catalog = CatalogParams(reviews=REVIEWS_URL, meta=META_URL, images=False, unreviewed_items=True)
+    paths = CatalogPaths.of("t", tmp_path / "data")
+    summary = run_ingest("t", catalog, IngestParams(max_quarantine_fraction=0.2), paths, root=tmp_path,
+                         policy=FAST)
+    items = pq.read_table(paths.items)
+    assert items["item_id"].to_pylist() == ["I2", "I1", "I3", "I4", "I9"]
+    assert items["title"].to_pylist()[-1] == "Nobody reviewed me"
+    assert pq.read_table(paths.images_table)["item_id"].to_pylist() == items["item_id"].to_pylist()
+    assert (summary.counts["items"], summary.counts["unreviewed_items"], summary.counts["meta_unused"]) == (5, 1, 1)
+    assert pq.read_table(paths.interactions)["item_id"].to_pylist() == ["I2", "I1", "I1", "I3", "I4"]
 
 
 def test_end_to_end_over_http_with_2023_files(httpserver: HTTPServer, tmp_path: Path) -> None:

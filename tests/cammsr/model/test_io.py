@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from cammsr.core.config import SplitParams, TrainParams
+from cammsr.data.split_features import run_split_features
 from cammsr.data.splits import load_splits, run_split
 from cammsr.model.io import build_model, load_checkpoint, save_checkpoint
 from features.store import FeatureRows, write_rows
@@ -14,8 +15,8 @@ TRAIN = dict(hidden_size=16, num_layers=1, num_heads=2, ffn_size=32, dropout=0.0
 
 @pytest.fixture
 def catalog(tiny_catalog):
-    """The tiny catalog split, with text and image stores of offset random vectors (so centring matters);
-    the image store lacks two items."""
+    """The tiny catalog split, with text and image stores of offset random vectors (so centring matters)
+    cut to the split; the image store lacks two items."""
     run_split("tiny", SplitParams(), tiny_catalog)
     items = load_splits(tiny_catalog.splits_dir).item_ids
     rng = np.random.default_rng(0)
@@ -23,6 +24,7 @@ def catalog(tiny_catalog):
         vectors = (rng.standard_normal((len(ids), dim)) * 3 + 5).astype(np.float32)
         write_rows(tiny_catalog.features_dir / f"{modality}.parquet",
                    FeatureRows(list(ids), ["x"] * len(ids), vectors, {"modality": modality}))
+    run_split_features("tiny", tiny_catalog)
     return tiny_catalog
 
 

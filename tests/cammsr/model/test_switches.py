@@ -107,3 +107,49 @@ def test_one_encoder_per_modality_has_its_own_weights_and_stays_causal():
 def test_sasrec_ignores_the_new_switches():
     cfg = ModelConfig(num_items=N, num_categories=C, score_scale="learned", shared_encoder=False).sasrec()
     assert (cfg.score_scale, cfg.shared_encoder) == ("none", True)
+
+
+def test_refined_score_tables_are_the_camoe_outputs():
+    model = make(score_refined=True)
+    model.eval()
+    refined, _, _ = model.camoe(torch.arange(N + 1))
+    table = model.score_table()
+    assert torch.allclose(table, torch.cat([refined[m] for m in model.mods], dim=-1))
+    plain = make()
+    assert not torch.allclose(plain.score_table(), table)
+
+
+def test_pca_init_keeps_the_features_similarity_in_the_item_tables():
+    torch.manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(DT, 3))[0]  # text features that live in 3 dimensions
+    feats = torch.nn.functional.normalize(torch.randn(N + 1, 3) @ basis.T, dim=-1)
+    cfg = ModelConfig(num_items=N, num_categories=C, text_dim=DT, hidden_size=D, num_heads=2, use_image=False,
+                      feature_init="pca")
+    present = torch.ones(N + 1, dtype=torch.bool)
+    present[0] = False
+    torch.manual_seed(0)
+    model = CAMMSR(cfg, torch.cat([torch.tensor([-1]), torch.arange(N) % C]), feats, present)
+    w = model.feature_proj["text"].weight  # [D, DT]
+    assert torch.allclose(w[:3] @ w[:3].T, torch.eye(3), atol=1e-5)
+    e = model.item_table("text")[1:]  # [N, D]
+    # the top directions span the features' subspace, so the projection keeps their dot products
+    assert torch.allclose(e[:, :3] @ e[:, :3].T, feats[1:] @ feats[1:].T, atol=1e-4)
+    torch.manual_seed(0)
+    normal = CAMMSR(cfg.__class__(**{**cfg.to_dict(), "feature_init": "normal"}),
+                    torch.cat([torch.tensor([-1]), torch.arange(N) % C]), feats, present)
+    assert torch.equal(normal.id_emb.weight, model.id_emb.weight)  # no extra random draw
+
+
+def test_frozen_content_table_scores_items_by_their_fixed_feature_projection():
+    model = make(content_table="frozen")
+    basis = model.frozen["text"].score_basis  # [d, D_T]; D_T = 6 < d = 8: two rows stay zero
+    assert torch.allclose(basis[:DT] @ basis[:DT].T, torch.eye(DT), atol=1e-5)  # orthonormal principal directions
+    assert not basis[DT:].any()
+    table = model.score_table()  # [N+1, M*d]: id | text | image
+    feats = model.frozen["text"].features
+    assert torch.allclose(table[1:, D:2 * D], feats[1:] @ basis.T, atol=1e-6)
+    seq, tgt = torch.tensor([[1, 2, 3, 0]]), torch.tensor([[2, 3, 4, 0]])
+    loss, _ = model(seq, tgt)
+    loss.backward()
+    assert basis.grad is None and not basis.requires_grad  # not trained
+    assert "frozen.text.score_basis" in model.state_dict()  # saved: the trained queries depend on it

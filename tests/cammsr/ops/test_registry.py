@@ -84,8 +84,10 @@ def test_edges_come_from_inputs_and_outputs():
         "encode_text": ["ingest"],
         "encode_image": ["ingest"],
         "split": ["ingest"],
-        "train": ["encode_text", "encode_image", "split"],
-        "evaluate": ["encode_text", "encode_image", "split", "train"],
+        "split_features": ["encode_text", "encode_image", "split"],
+        "train": ["split", "split_features"],
+        "evaluate": ["split", "split_features", "train"],
+        "recommend": ["ingest", "encode_text", "encode_image", "split", "train"],
     }
     assert upstream(spec("ingest"), paths, "https://example.org/reviews.json.gz") == []
 

@@ -91,13 +91,15 @@ def write_catalog(root: Path, fmt: str, extra_review_lines: tuple[str, ...] = ()
 
 
 def check(root: Path, reviews: str, meta: str | None, **kw):
+    """`check_source` with a 1-core by default: the catalog's 6 reviews are too few for the 5-core."""
+    kw.setdefault("user_core", 1)
     return check_source(reviews, meta, root / "raw", policy=FAST, root=root, **kw)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_each_format_is_detected_and_gives_the_same_counts(tmp_path, fmt):
     reviews, meta = write_catalog(tmp_path, fmt)
-    report = check(tmp_path, reviews, meta, user_core=3)
+    report = check(tmp_path, reviews, meta, user_core=3, item_core=1)
 
     assert (report.reviews.format, report.meta.format) == (fmt, fmt)
     assert (report.reviews.url, report.meta.url) == (reviews, meta)
@@ -129,7 +131,8 @@ def test_keys_and_the_report_text(tmp_path):
     assert lines[:3] == [f"reviews: {reviews}", f"  {size:,} bytes (gzip), format amazon-2023, 6 records",
                          "  keys: asin, parent_asin, rating, timestamp, user_id"]
     assert lines[3] == "  6 interactions, 3 users, 4 items, 5 rated, 2014-05-13 .. 2014-05-16; " \
-                       "0 users have >= 5 interactions"
+                       "3 users have >= 1 interactions"
+    assert lines[4] == "  split: 1/1-core keeps 6 interactions, 3 users (1 with a test target), 4 items"
     assert "  3 of 4 reviewed items described, 3 categories at ingest.category_level" in lines
     assert "  image_url     25.0%  e.g. 'http://img/I1.jpg'" in lines
     assert "  title         75.0%  e.g. 'Red Puzzle'" in lines
@@ -153,8 +156,9 @@ def test_malformed_lines_are_counted_and_shown_up_to_the_ceiling(tmp_path):
     report = check(tmp_path, reviews, meta, max_quarantine_fraction=0.3)  # 2 of 8 = 25%
     assert (report.reviews.records, report.reviews.quarantined, report.interactions) == (8, 2, 6)
     assert report.reviews.first_problems[0].startswith("line 3: neither JSON nor a Python literal")
-    assert report.reviews.first_problems[1] == "line 4: expected an object, found list"
-    assert "  malformed: line 4: expected an object, found list" in report.lines()
+    array = "expected an object, found a JSON array: expected JSON Lines, one object per line"
+    assert report.reviews.first_problems[1] == f"line 4: {array}"
+    assert f"  malformed: line 4: {array}" in report.lines()
     with pytest.raises(SourceError) as err:
         check(tmp_path, reviews, meta, max_quarantine_fraction=0.2)
     assert str(err.value).startswith(f"{reviews}: 2 of 8 records malformed (25.00%), more than "
@@ -200,7 +204,8 @@ def test_a_gzip_cut_short_is_unreadable_not_a_crash(tmp_path, kind, keep):
     target = tmp_path / "src" / ("reviews_T_5.json.gz" if kind == "reviews" else "meta_T.json.gz")
     target.write_bytes(whole[: max(20, int(len(whole) * keep))])
     url = reviews if kind == "reviews" else meta
-    with pytest.raises(SourceError, match=rf"^{url}: unreadable \(Compressed file ended before the end-of-stream"):
+    with pytest.raises(SourceError, match=rf"^{url}: line \d+: unreadable, gzip stream cut short \(Compressed file "
+                                          r"ended before the end-of-stream"):
         check(tmp_path, reviews, meta, max_quarantine_fraction=1.0)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from cammsr.core.config import SplitParams, TrainParams
 from cammsr.data.batches import pad_right
+from cammsr.data.split_features import run_split_features
 from cammsr.data.splits import load_splits, run_split
 from cammsr.model.io import build_model, load_checkpoint, noisy_categories, padded_features, save_checkpoint
 from features.store import FeatureRows, write_rows
@@ -134,6 +135,7 @@ def catalog(tmp_path):
     image_ids = split.item_ids[::2]
     write_rows(paths.image_features, FeatureRows(image_ids, ["s"] * len(image_ids),
                                                  rng.normal(3.0, 5.0, (len(image_ids), 6)).astype(np.float32)))
+    run_split_features("tiny", paths)  # what train and evaluate read: the stores cut to the split
     return paths, split
 
 
@@ -179,7 +181,8 @@ def test_a_store_of_another_width_is_an_error_naming_the_checkpoint(catalog):
     paths, split = catalog
     model = build_model(TRAIN, SplitParams(), split, paths, seed=0)
     save_checkpoint(paths.checkpoint, model, feature_norm=TRAIN.feature_norm)
-    write_rows(paths.image_features, FeatureRows(["x"], ["s"], np.ones((1, 4), np.float32)))
+    write_rows(paths.image_features, FeatureRows(split.item_ids[:1], ["s"], np.ones((1, 4), np.float32)))
+    run_split_features("tiny", paths)
     with pytest.raises(ValueError, match=r"model\.pt: trained with feature widths text=8 image=6, "
                                          r"stores now give text=8 image=4: retrain"):
         load_checkpoint(paths.checkpoint, split, paths)
