@@ -533,11 +533,12 @@ class CAMMSR(nn.Module):
             refined, _, _ = self.camoe(torch.arange(self.cfg.num_items + 1, device=self.pos_emb.weight.device),
                                        tables)
             tables = [refined[m] for m in self.mods]  # M x [N+1, d]
-        elif self.cfg.content_table == "frozen":  # text/image: the features on their fixed principal directions
-            tables = [self.frozen_table(m) if m in self.frozen else
-                      self.item_table(m) if tables is None else tables[m] for m in self.mods]  # M x [N+1, d]
-        else:
-            tables = [self.item_table(m) if tables is None else tables[m] for m in self.mods]  # M x [N+1, d]
+        else:  # (frozen text/image are not in `item_tables`: replaced below)
+            frozen = self.cfg.content_table == "frozen"
+            tables = [None if frozen and m in self.frozen else self.item_table(m) if tables is None else tables[m]
+                      for m in self.mods]  # M x [N+1, d]
+        if self.cfg.content_table == "frozen":  # text/image: the features on their fixed principal directions
+            tables = [self.frozen_table(m) if m in self.frozen else t for m, t in zip(self.mods, tables, strict=True)]
         if self.cfg.score_scale == "learned":  # scaling the table scales that modality's score term
             scale = self.log_score_scale.exp()  # [M]
             tables = [t * scale[j] for j, t in enumerate(tables)]

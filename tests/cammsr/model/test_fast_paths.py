@@ -11,7 +11,8 @@ from tests.cammsr.model.test_cammsr import make_model
 SEQ = torch.tensor([[1, 2, 3, 4, 5, 0, 0, 0], [6, 7, 8, 9, 10, 11, 12, 13], [14, 5, 7, 0, 0, 0, 0, 0]])
 TGT = torch.tensor([[2, 3, 4, 5, 6, 0, 0, 0], [7, 8, 9, 10, 11, 12, 13, 14], [5, 7, 15, 0, 0, 0, 0, 0]])
 SWITCHES = [{}, {"content_table": "frozen"}, {"score_refined": True}, {"modality_dropout": 0.4},
-            {"id_dropout": 0.3}, {"shared_encoder": False}, {"score_scale": "learned"}, {"weight_temperature": 0.5}]
+            {"id_dropout": 0.3}, {"shared_encoder": False}, {"score_scale": "learned"}, {"weight_temperature": 0.5},
+            {"score_refined": True, "content_table": "frozen"}]
 
 
 def _loss(model, seed, bf16=False):
@@ -58,3 +59,18 @@ def test_swap_views_at_one_position_equal_the_full_encoding():
     rows = torch.arange(len(SEQ))
     assert torch.allclose(fast.swap_views[:, :, 0], full.swap_views[:, rows, last], atol=1e-5)
     assert torch.allclose(fast.z, full.z, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"content_table": "frozen"}, {"score_refined": True},
+                                       {"score_refined": True, "content_table": "frozen"}])
+def test_score_table_from_the_shared_tables_is_the_score_table(overrides):
+    model = make_model(**overrides).eval()
+    with torch.no_grad():
+        model.missing["text"].fill_(0.7)  # item 5 has no text: its frozen row is this vector
+    shared, alone = model.score_table(model.item_tables()), model.score_table()
+    assert torch.allclose(shared, alone, atol=1e-6)
+    d = model.cfg.hidden_size
+    if overrides.get("content_table") == "frozen":  # text scored on the fixed projection, refined or not
+        assert torch.equal(shared[:, d:2 * d], model.frozen_table("text"))
+        assert torch.equal(shared[5, d:2 * d], torch.full((d,), 0.7))
+        assert set(model.item_tables()) == ({"id", "text", "image"} if overrides.get("score_refined") else {"id"})
