@@ -51,6 +51,33 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     return torch.autocast(device_type="cuda", dtype=_DTYPES[dtype])
 
 
+def bf16_matmul_supported(device: torch.device) -> bool:
+    """Whether ``device`` runs bfloat16 matmuls natively: CUDA that supports bfloat16, or a CPU with
+    AMX tiles or AVX512-BF16 (elsewhere torch emulates them, slower than float32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = torch.cpu
+        return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported",
+                                                                      "_is_avx512_bf16_supported"))
+    return False
+
+
+def resolve_precision(pref: str, device: torch.device, auto_on: tuple[str, ...] = ("cpu", "cuda")) -> torch.dtype:
+    """``auto`` / ``float32`` / ``bfloat16`` (``train.precision``, ``evaluate.precision``) -> the dtype to use.
+
+    ``auto`` is bfloat16 on a device of a type in ``auto_on`` where `bf16_matmul_supported`, else float32.
+    """
+    if pref == "float32":
+        return torch.float32
+    if pref == "bfloat16":
+        return torch.bfloat16
+    if pref == "auto":
+        on = device.type in auto_on and bf16_matmul_supported(device)
+        return torch.bfloat16 if on else torch.float32
+    raise ValueError(f"precision {pref!r}: expected 'auto', 'float32' or 'bfloat16'")
+
+
 @contextlib.contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
     """Run the block with ``n`` torch intra-op threads (None: leave the setting alone)."""

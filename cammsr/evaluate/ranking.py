@@ -3,41 +3,86 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from cammsr.data.batches import pad_right
+from cammsr.evaluate.exact_bf16 import ExactBF16Ranker
 from cammsr.evaluate.metrics import target_ranks
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(seq LongTensor [B, L], lengths LongTensor [B]) -> scores FloatTensor [B, N+1]."""
 
+PADDING_SLACK = 0.15  # a run of users encoded together pads at most this share of its tokens...
+MIN_GROUP = 128  # ...unless it would hold fewer users than this
+
+
+@dataclass(frozen=True)
+class FactoredScores:
+    """Scores that are dot products, user vectors times item vectors (every model here): the ranker can
+    then score in bfloat16 and recheck exactly (`cammsr.evaluate.exact_bf16`). Callable as a `ScoreFn`.
+
+    Attributes:
+        users: (seq [B, L], lengths [B]) -> FloatTensor [B, D] user vectors.
+        items: FloatTensor [N+1, D] item vectors (row 0 = padding, never ranked).
+    """
+
+    users: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    items: torch.Tensor
+
+    def __call__(self, seq: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        scores = self.users(seq, lengths) @ self.items.T  # [B, N+1]
+        scores[:, 0] = float("-inf")
+        return scores
+
+
+def model_scores(model) -> FactoredScores:
+    """A trained `cammsr.model.CAMMSR` (in eval mode) as `FactoredScores`: its item tables are projected once
+    for the whole ranking pass, not once per batch of users."""
+    with torch.no_grad():
+        tables = model.item_tables()
+        items = model.score_table(tables).float()  # [N+1, M*d]
+    return FactoredScores(lambda seq, lengths: model.user_vectors(seq, lengths, tables), items)
+
 
 def rank_targets(score_fn: ScoreFn, histories: Sequence[np.ndarray], targets: np.ndarray,
                  batch_size: int = 1024, mask_history: bool = False,
-                 device: torch.device | str = "cpu") -> np.ndarray:
+                 device: torch.device | str = "cpu", precision: torch.dtype = torch.float32) -> np.ndarray:
     """0-based rank of each target among all N items (column 0, padding, never ranks).
 
     With ``mask_history`` the user's earlier items are removed from the ranking (scored -inf),
     except the target itself, so a repeat purchase can still be a hit.
     Users are scored in length order (less padding) and ranks returned in input order.
+    ``precision`` bfloat16 (for `FactoredScores`) scores in bfloat16 and rechecks the items near each
+    target exactly: the same ranks as float32 wherever float32 rounding does not decide them.
     """
-    return rank_targets_by_protocol(score_fn, histories, targets, batch_size, (mask_history,), device)[mask_history]
+    return rank_targets_by_protocol(score_fn, histories, targets, batch_size, (mask_history,), device,
+                                    precision)[mask_history]
 
 
 def rank_targets_by_protocol(score_fn: ScoreFn, histories: Sequence[np.ndarray], targets: np.ndarray,
                              batch_size: int = 1024, masks: Sequence[bool] = (False, True),
-                             device: torch.device | str = "cpu") -> dict[bool, np.ndarray]:
+                             device: torch.device | str = "cpu", precision: torch.dtype = torch.float32
+                             ) -> dict[bool, np.ndarray]:
     """`rank_targets` under each history-masking choice in ``masks``, scoring every user once."""
     lengths = np.array([len(h) for h in histories], dtype=np.int64)
     order = np.argsort(lengths, kind="stable")
     ranks = {mask: np.empty(len(histories), dtype=np.int64) for mask in masks}
+    exact = None
+    if precision == torch.bfloat16 and isinstance(score_fn, FactoredScores):
+        exact = ExactBF16Ranker(score_fn.items.to(device))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         seq = pad_right([histories[i] for i in idx]).to(device)  # [B, L]
         tgt = torch.from_numpy(targets[idx]).to(device)  # [B]
-        scores = score_fn(seq, torch.from_numpy(lengths[idx]).to(device)).float()  # [B, N+1]
+        if exact is not None:
+            h = _by_length(score_fn.users, histories, idx, lengths, device)  # [B, D]
+            for mask, r in exact.ranks(h, tgt, seq, tuple(masks)).items():
+                ranks[mask][idx] = r.cpu().numpy()
+            continue
+        scores = _by_length(score_fn, histories, idx, lengths, device).float()  # [B, N+1]
         scores[:, 0] = float("-inf")
         for mask in sorted(masks):  # unmasked first: masking writes into the scores
             if mask:
@@ -46,6 +91,30 @@ def rank_targets_by_protocol(score_fn: ScoreFn, histories: Sequence[np.ndarray],
                 scores.scatter_(1, tgt[:, None], keep)
             ranks[mask][idx] = target_ranks(scores, tgt).cpu().numpy()
     return ranks
+
+
+def _by_length(fn: ScoreFn, histories: Sequence[np.ndarray], idx: np.ndarray, lengths: np.ndarray,
+               device: torch.device | str) -> torch.Tensor:
+    """``fn`` over the users ``idx`` (length-sorted) in runs of similar length, concatenated in order.
+
+    One batch of 1024 users spans lengths 15 to 50 at the long end of a catalog: padding them all to 50
+    made 18% of toys' encoded positions padding. A run ends where its padding would pass PADDING_SLACK
+    of its tokens (runs keep at least MIN_GROUP users, so the matmuls stay large).
+    """
+    out, start, n = [], 0, len(idx)
+    while start < n:
+        end, total = start, 0
+        while end < n:
+            total += lengths[idx[end]]
+            end += 1
+            if end - start >= MIN_GROUP and end < n \
+                    and lengths[idx[end]] * (end + 1 - start) > (1 + PADDING_SLACK) * (total + lengths[idx[end]]):
+                break
+        run = idx[start:end]
+        seq = pad_right([histories[i] for i in run]).to(device)  # [b, L]
+        out.append(fn(seq, torch.from_numpy(lengths[run]).to(device)))
+        start = end
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def popularity_scorer(train_seqs: Sequence[np.ndarray], num_items: int) -> ScoreFn:

@@ -43,6 +43,7 @@ from cammsr.core.summary import StageSummary
 from cammsr.data.batches import pad_right
 from cammsr.data.splits import SplitData, load_splits
 from cammsr.evaluate.metrics import NonFiniteScoresError
+from cammsr.evaluate.ranking import model_scores
 from cammsr.model.io import load_checkpoint, whole_stores
 from features.store import read_rows
 
@@ -176,6 +177,8 @@ def run_recommend(name: str, params: RecommendParams, paths: CatalogPaths, devic
     served = with_items(split, extra)
     model, ckpt = load_checkpoint(paths.checkpoint, served, paths, map_location=dev, stores=whole_stores(paths))
     model.to(dev).eval()
+    # as in evaluation: the item table projected once for the whole pass, float32 scores (they are written)
+    scorer = model_scores(model)
 
     if users is None:
         rows, unknown = np.arange(len(split.user_ids)), []
@@ -207,8 +210,7 @@ def run_recommend(name: str, params: RecommendParams, paths: CatalogPaths, devic
             t = time.perf_counter()
             batch = rows[start:start + params.batch_size]
             seq = pad_right([split.sequences[u][-max_len:] for u in batch]).to(dev)  # [B, L]
-            scores = model.score_last(seq, torch.from_numpy(lengths_of(split, batch, max_len)).to(dev))
-            scores = scores.float()  # [B, N+1]
+            scores = scorer(seq, torch.from_numpy(lengths_of(split, batch, max_len)).to(dev)).float()  # [B, N+1]
             check_finite(scores)
             t, clock["score"] = time.perf_counter(), clock["score"] + time.perf_counter() - t
             scores[:, 0] = float("-inf")

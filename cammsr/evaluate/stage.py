@@ -18,14 +18,14 @@ import torch
 
 from cammsr.core.atomic import atomic_path, write_json_atomic
 from cammsr.core.config import EvaluateParams, ProjectParams, SplitParams
-from cammsr.core.device import pick_device
+from cammsr.core.device import pick_device, resolve_precision
 from cammsr.core.malloc import tune_glibc_malloc
 from cammsr.core.paths import CatalogPaths
 from cammsr.core.summary import StageSummary
 from cammsr.data.splits import SplitData, load_splits
 from cammsr.evaluate.buckets import bucket_metrics, popularity_buckets, training_counts
 from cammsr.evaluate.metrics import metrics_from_ranks
-from cammsr.evaluate.ranking import popularity_scorer, rank_targets_by_protocol
+from cammsr.evaluate.ranking import model_scores, popularity_scorer, rank_targets_by_protocol
 from cammsr.model import CAMMSR
 from cammsr.model.io import load_checkpoint
 
@@ -95,14 +95,16 @@ def run_evaluate(name: str, split_params: SplitParams, params: EvaluateParams, p
     model, ckpt = load_checkpoint(paths.checkpoint, split, paths, map_location=device)
     model.to(device).eval()
     pop = popularity_scorer(split.train_sequences(), split.num_items)
+    precision = resolve_precision(params.precision, device, auto_on=("cpu",))  # ranks are exact either way
+    scorer = model_scores(model)
     results: dict[str, dict[str, dict[str, float]]] = {"model": {}, "popularity": {}}
     test_ranks: dict[str, np.ndarray] = {}
     for part in ("valid", "test"):
         hist, targets, _ = split.held_out(part, split_params.max_seq_len)
         # test: both protocols from one scoring pass (the configured one is "test", the other beside it)
         masks = (params.mask_history,) if part == "valid" else (False, True)
-        for ranker, fn in (("model", model.score_last), ("popularity", pop)):
-            ranks = rank_targets_by_protocol(fn, hist, targets, params.batch_size, masks, device)
+        for ranker, fn in (("model", scorer), ("popularity", pop)):
+            ranks = rank_targets_by_protocol(fn, hist, targets, params.batch_size, masks, device, precision)
             for mask, r in ranks.items():
                 key = part if mask == params.mask_history else f"{part}_history_{'masked' if mask else 'unmasked'}"
                 results[ranker][key] = {k: round(v, 6) for k, v in metrics_from_ranks(r, params.ks).items()}

@@ -26,6 +26,7 @@ from torch import nn
 
 from cammsr.model.checks import check_features, check_items, check_lengths, check_seq, check_table, check_targets
 from cammsr.model.chunked_ce import chunked_softmax_ce
+from cammsr.model.dropout import Dropout, attention
 from cammsr.model.dyt import make_norm
 from cammsr.model.losses import info_nce
 
@@ -79,6 +80,7 @@ class ModelConfig:
     shared_encoder: bool = True  # False: one Transformer per modality (HM4SR-style)
     category_loss: str = "ce"  # "ce": single label; "bce": multi-hot over the item's category path tokens
     num_path_tokens: int = 0  # T, category path tokens (for "bce")
+    fast_dropout: bool = False  # masks from 31-bit random integers instead of bernoulli_ (dropout.py); same law
     # Unknown item IDs (see `CAMMSR.id_rows`): the fraction of items whose ID row is replaced by the learned
     # unknown vector at each training step; 0 leaves the vector untrained (zeros).
     id_dropout: float = 0.0
@@ -136,7 +138,8 @@ class ModelOutput:
         z: FloatTensor [M, B, L, d] each modality's sequence output Z_m, or [M, B, 1, d] when only
             the ``last`` position of each sequence was computed.
         swap_views: FloatTensor [2, B, L, d] the encoded modality-swap views (text-based, image-based),
-            or None (not training, swap-CL off, or text or image inactive).
+            [2, B, 1, d] when encoded only at one position (``swap_last``), or None (not training,
+            swap-CL off, or text or image inactive).
         cat_logits: FloatTensor [M, U, C] each modality's category logits, or None without guidance.
         unique_items: LongTensor [U] the batch's sorted unique item indices (0 when there is padding).
         weights: FloatTensor [U, M] the modality weights w_m of those items ([U, 1] ones without CAMoE).
@@ -162,6 +165,19 @@ class FrozenFeatures(nn.Module):
         super().__init__()
         self.register_buffer("features", features.float(), persistent=False)  # [N+1, D_m]
         self.register_buffer("present", present.bool(), persistent=False)  # [N+1]
+        self._converted: tuple[tuple, torch.Tensor] | None = None
+
+    def features_for_matmul(self) -> torch.Tensor:
+        """The features in the dtype autocast gives a Linear here (float32 without autocast), converted once
+        and kept: under CPU autocast the projection would otherwise convert all N+1 rows every step."""
+        device = self.features.device.type
+        if not torch.is_autocast_enabled(device):
+            return self.features
+        dtype = torch.get_autocast_dtype(device)
+        key = (self.features.data_ptr(), self.features.device, dtype)
+        if self._converted is None or self._converted[0] != key:
+            self._converted = (key, self.features.to(dtype))
+        return self._converted[1]  # [N+1, D_m]
 
 
 class Block(nn.Module):
@@ -170,13 +186,13 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d, block_norm = cfg.hidden_size, cfg.norm if cfg.dyt_scope == "all" else "layernorm"
-        self.heads, self.attn_dropout = cfg.num_heads, cfg.dropout
+        self.heads, self.attn_dropout, self.fast_dropout = cfg.num_heads, cfg.dropout, cfg.fast_dropout
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
         self.norm1 = make_norm(block_norm, d, cfg.dyt_alpha_init)
         self.ff = nn.Sequential(nn.Linear(d, cfg.ffn_size), nn.GELU(), nn.Linear(cfg.ffn_size, d))
         self.norm2 = make_norm(block_norm, d, cfg.dyt_alpha_init)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout, cfg.fast_dropout)
 
     def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
         """x: [S, L, d] -> [S, L, d]; with ``last`` (LongTensor [S]) only that position's output, [S, 1, d].
@@ -188,15 +204,13 @@ class Block(nn.Module):
         q, k, v = self.qkv(x).view(S, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [S, h, L, d/h]
         if last is None:
             # Right padding + a causal mask: a real position never sees a later one, nor padding.
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.attn_dropout if self.training else 0.0)
+            a = attention(q, k, v, None, self.attn_dropout, self.training, self.fast_dropout)  # [S, h, L, d/h]
             a = a.transpose(1, 2).reshape(S, L, d)  # [S, L, d]
         else:
             rows = torch.arange(S, device=x.device)
             q = q[rows, :, last][:, :, None]  # [S, h, 1, d/h]
             visible = torch.arange(L, device=x.device)[None, :] <= last[:, None]  # [S, L] causal row of `last`
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :],
-                                               dropout_p=self.attn_dropout if self.training else 0.0)
+            a = attention(q, k, v, visible[:, None, None, :], self.attn_dropout, self.training, self.fast_dropout)
             a = a.reshape(S, 1, d)  # [S, h, 1, d/h] -> [S, 1, d]
             x = x[rows, last][:, None]  # [S, 1, d]
         x = self.norm1(x + self.drop(self.proj(a)))  # [S, L or 1, d]
@@ -268,7 +282,7 @@ class CAMMSR(nn.Module):
         # 3. Modality swap (STATED): no parameters (`swap_views`).
         # 4. User interest learning (STATED): per modality DyT -> Dropout -> Transformer (shared).
         self.input_norm = nn.ModuleDict({m: make_norm(cfg.norm, d, cfg.dyt_alpha_init) for m in self.mods})
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout, cfg.fast_dropout)
         if cfg.shared_encoder:
             self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         else:  # one Transformer per modality; a swap view goes through its starting modality's
@@ -330,11 +344,21 @@ class CAMMSR(nn.Module):
         """e_m for items ``idx`` (LongTensor [...]): [..., d]; without ``idx`` for all items: [N+1, d]."""
         if m == "id":
             return self.id_rows(idx)
-        feats, present = self.frozen[m].features, self.frozen[m].present  # [N+1, D_m], [N+1]
+        feats, present = self.frozen[m].features_for_matmul(), self.frozen[m].present  # [N+1, D_m], [N+1]
         if idx is not None:
             feats, present = feats[idx], present[idx]  # [..., D_m], [...]
         e = self.feature_proj[m](feats)  # [..., d]
         return torch.where(present[..., None], e, self.missing[m])  # [..., d]
+
+    def item_tables(self) -> dict[str, torch.Tensor]:
+        """e_m of every item, each [N+1, d], for the modalities whose whole table the score table reads:
+        projected once per batch and shared by CAMoE's inputs and the score table (projecting the batch's
+        items again would repeat the Linear on U of the N rows). With ``content_table="frozen"`` (and no
+        ``score_refined``) text and image are scored on `frozen_table` instead: CAMoE then projects only
+        the batch's rows of them.
+        """
+        frozen = self.cfg.content_table == "frozen" and not (self.cfg.score_refined and self.use_moe)
+        return {m: self.item_table(m) for m in self.mods if not (frozen and m in self.frozen)}
 
     def frozen_table(self, m: str) -> torch.Tensor:
         """The scored table of feature modality ``m`` with ``content_table="frozen"``: [N+1, d].
@@ -345,17 +369,23 @@ class CAMMSR(nn.Module):
         learned missing vector.
         """
         f = self.frozen[m]
-        return torch.where(f.present[:, None], f.features @ f.score_basis.T, self.missing[m])  # [N+1, d]
+        proj = f.features_for_matmul() @ f.score_basis.T  # [N+1, d]; bfloat16 under autocast
+        return torch.where(f.present[:, None], proj, self.missing[m])  # [N+1, d]
 
     # ---- 2. CAMoE and the category-guided modality weights -------------------------------------
-    def camoe(self, items: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
+    def camoe(self, items: torch.Tensor, tables: dict[str, torch.Tensor] | None = None
+              ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor | None]:
         """Refined ē_m = e_m + w_m * ê_m of the unique items ``items`` (LongTensor [U]).
+
+        ``tables`` (`item_tables`) gives the feature modalities' e_m by row (those it holds); the ID stays an
+        embedding lookup (`id_rows`), which costs no more than a row gather.
 
         Returns:
             ē (each modality's [U, d]), the weights w [U, M] ([U, 1] ones without CAMoE) and the
             category logits [M, U, C] (None without category guidance).
         """
-        e = {m: self.item_table(m, items) for m in self.mods}  # each [U, d]
+        e = {m: tables[m][items] if tables is not None and m in tables and m != "id" else self.item_table(m, items)
+             for m in self.mods}  # each [U, d]
         if not self.use_moe:
             return e, e[self.mods[0]].new_ones((len(items), 1)), None
         d = self.cfg.hidden_size
@@ -408,33 +438,45 @@ class CAMMSR(nn.Module):
         return [torch.where(swap[..., None], image, text), torch.where(swap[..., None], text, image)]
 
     # ---- 4. sequence encoder -------------------------------------------------------------------
-    def encode(self, seqs: torch.Tensor, norms: list[str], last: torch.Tensor | None = None) -> torch.Tensor:
-        """Stacked sequences [S, B, L, d] (one per entry of ``norms``) -> outputs [S, B, L, d].
+    def encode(self, seqs: torch.Tensor, norms: list[str], last: torch.Tensor | None = None, full: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Stacked sequences [S, B, L, d] (one per entry of ``norms``) through the encoder.
 
-        With ``last`` (LongTensor [B]) only each sequence's output at that position: [S, B, 1, d].
+        Returns:
+            Without ``last``: (outputs [S, B, L, d], None). With ``last`` (LongTensor [B]): the first ``full``
+            sequences at every position [full, B, L, d] and the others only at position ``last`` [S-full, B, 1, d].
         """
         S, B, L, d = seqs.shape
         x = seqs + self.pos_emb.weight[:L]  # [S, B, L, d] one learned position table for every sequence
         x = torch.stack([self.input_norm[n](x[i]) for i, n in enumerate(norms)])  # [S, B, L, d] DyT
         x = self.drop(x)
         if self.cfg.shared_encoder:  # all modalities and views in one pass: shared weights
-            return self._transformer(self.blocks, x, last)
-        out = [None] * S
+            return self._transformer(self.blocks, x, last, full if last is not None else S)
+        every, at_last = [], []
+        out = {}
         for m in dict.fromkeys(norms):  # each modality's sequences (and views) through its own encoder
             rows = [i for i, n in enumerate(norms) if n == m]
-            for i, y in zip(rows, self._transformer(self.encoders[m], x[rows], last), strict=True):
-                out[i] = y
-        return torch.stack(out)  # [S, B, L or 1, d]
+            n_full = sum(i < full for i in rows) if last is not None else len(rows)
+            a, b = self._transformer(self.encoders[m], x[rows], last, n_full)
+            out.update(zip(rows, [*a, *(b if b is not None else [])], strict=True))
+        every = [out[i] for i in range(S) if last is None or i < full]
+        at_last = [out[i] for i in range(S) if last is not None and i >= full]
+        return (torch.stack(every) if every else x.new_zeros(0, B, L, d),
+                torch.stack(at_last) if at_last else None)
 
     @staticmethod
-    def _transformer(blocks: nn.ModuleList, x: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
-        """x [S, B, L, d] through ``blocks`` as one batch -> [S, B, L, d] (or [S, B, 1, d] with ``last``)."""
+    def _transformer(blocks: nn.ModuleList, x: torch.Tensor, last: torch.Tensor | None, full: int
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [S, B, L, d] through ``blocks`` as one batch -> the first ``full`` sequences [full, B, L, d] and,
+        with ``last``, the others at that position only ([S-full, B, 1, d]; the final block runs on one query)."""
         S, B, L, d = x.shape
         x = x.reshape(S * B, L, d)  # [S*B, L, d]
-        for i, block in enumerate(blocks):
-            final = last is not None and i == len(blocks) - 1
-            x = block(x, last.repeat(S) if final else None)  # [S*B, L, d]; last block with `last`: [S*B, 1, d]
-        return x.view(S, B, -1, d)
+        for block in blocks[:-1]:
+            x = block(x)  # [S*B, L, d]
+        every = blocks[-1](x[: full * B]).view(full, B, L, d) if full else x.new_zeros(0, B, L, d)
+        if last is None or full == S:
+            return every, None
+        return every, blocks[-1](x[full * B :], last.repeat(S - full)).view(S - full, B, 1, d)
 
     def forward(self, seq: torch.Tensor, targets: torch.Tensor | None = None, normalizer: float | None = None
                 ) -> ModelOutput | tuple[torch.Tensor, dict[str, float]]:
@@ -446,12 +488,17 @@ class CAMMSR(nn.Module):
             return self.loss(seq, targets, normalizer)
         return self.encode_views(seq)
 
-    def encode_views(self, seq: torch.Tensor, last: torch.Tensor | None = None) -> ModelOutput:
+    def encode_views(self, seq: torch.Tensor, last: torch.Tensor | None = None,
+                     tables: dict[str, torch.Tensor] | None = None, swap_last: torch.Tensor | None = None
+                     ) -> ModelOutput:
         """Items -> CAMoE -> (swap views when training) -> encoder, for a batch of sequences.
 
         Args:
             seq: LongTensor [B, L] right-padded item indices, L <= max_seq_len.
             last: LongTensor [B]: compute ``z`` only at that position of each sequence ([M, B, 1, d]).
+            tables: `item_tables`, when the caller needs them too (the score table).
+            swap_last: LongTensor [B]: compute the swap views only at that position ([2, B, 1, d]): the
+                contrastive loss reads one position, so their final block runs on one query.
 
         Raises:
             TypeError, ValueError: ``seq`` is not a 2-D LongTensor of at most max_seq_len positions, or
@@ -460,26 +507,36 @@ class CAMMSR(nn.Module):
         check_seq(seq, self.cfg.max_seq_len)
         items, inverse = torch.unique(seq, return_inverse=True)  # [U], [B, L]
         check_items(items, self.cfg.num_items)  # sorted: its ends are the smallest and largest index
-        refined, w, cat_logits = self.camoe(items)  # each [U, d]
+        refined, w, cat_logits = self.camoe(items, tables)  # each [U, d]
         views = [refined[m][inverse] for m in self.mods]  # M x [B, L, d]
         norms = list(self.mods)
         swapped = self.training and self.cfg.swap_cl and {"text", "image"} <= set(self.mods)
         if swapped:  # each view keeps the input norm of the modality it starts from
             views += self.swap_views(seq, refined["text"][inverse], refined["image"][inverse])  # 2 x [B, L, d]
             norms += ["text", "image"]
-        z = self.encode(torch.stack(views), norms, last)  # [M (+2), B, L or 1, d]
         M = len(self.mods)
-        return ModelOutput(z=z[:M], swap_views=z[M:] if swapped else None, cat_logits=cat_logits,
-                           unique_items=items, weights=w)
+        if last is None and swapped and swap_last is not None:  # main views everywhere, swap views at one position
+            z, swap = self.encode(torch.stack(views), norms, swap_last, full=M)  # [M, B, L, d], [2, B, 1, d]
+        else:
+            every, at_last = self.encode(torch.stack(views), norms, last)  # [M (+2), B, L or 1, d]
+            z = every if last is None else at_last
+            swap = z[M:] if swapped else None
+        return ModelOutput(z=z[:M], swap_views=swap, cat_logits=cat_logits, unique_items=items, weights=w)
 
     # ---- 5. scores and loss --------------------------------------------------------------------
-    def score_table(self) -> torch.Tensor:
-        """Item tables of all modalities side by side: [N+1, M*d] (scored against concat Z)."""
+    def score_table(self, tables: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Item tables of all modalities side by side: [N+1, M*d] (scored against concat Z).
+
+        ``tables``: the `item_tables` of this batch, when already computed.
+        """
         if self.cfg.score_refined and self.use_moe:  # the same refinement as the sequence side's items
-            refined, _, _ = self.camoe(torch.arange(self.cfg.num_items + 1, device=self.pos_emb.weight.device))
+            refined, _, _ = self.camoe(torch.arange(self.cfg.num_items + 1, device=self.pos_emb.weight.device),
+                                       tables)
             tables = [refined[m] for m in self.mods]  # M x [N+1, d]
-        else:
-            tables = [self.item_table(m) for m in self.mods]  # M x [N+1, d]
+        else:  # (frozen text/image are not in `item_tables`: replaced below)
+            frozen = self.cfg.content_table == "frozen"
+            tables = [None if frozen and m in self.frozen else self.item_table(m) if tables is None else tables[m]
+                      for m in self.mods]  # M x [N+1, d]
         if self.cfg.content_table == "frozen":  # text/image: the features on their fixed principal directions
             tables = [self.frozen_table(m) if m in self.frozen else t for m, t in zip(self.mods, tables, strict=True)]
         if self.cfg.score_scale == "learned":  # scaling the table scales that modality's score term
@@ -487,10 +544,10 @@ class CAMMSR(nn.Module):
             tables = [t * scale[j] for j, t in enumerate(tables)]
         return tables[0] if len(tables) == 1 else torch.cat(tables, dim=-1)  # one modality: no copy
 
-    def scores(self, z: torch.Tensor) -> torch.Tensor:
+    def scores(self, z: torch.Tensor, tables: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Sum over modalities of <Z_m, table_m>: z [M, P, d] -> scores [P, N+1] (padding at -inf)."""
         h = z.permute(1, 0, 2).flatten(1)  # [P, M*d]
-        s = h @ self.score_table().T  # [P, N+1]
+        s = h @ self.score_table(tables).T  # [P, N+1]
         s[:, 0] = float("-inf")
         return s
 
@@ -502,10 +559,21 @@ class CAMMSR(nn.Module):
             TypeError, ValueError: ``lengths`` is not a LongTensor with one length per sequence, or
                 (CPU) one is outside 1..L (and see `encode_views`).
         """
+        tables = self.item_tables()  # each [N+1, d]
+        h = self.user_vectors(seq, lengths, tables)  # [B, M*d]
+        s = h @ self.score_table(tables).T  # [B, N+1]
+        s[:, 0] = float("-inf")
+        return s
+
+    @torch.no_grad()
+    def user_vectors(self, seq: torch.Tensor, lengths: torch.Tensor,
+                     tables: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Each user's concatenated Z_m after its last position, the vector scored against `score_table`:
+        seq [B, L], lengths [B] -> [B, M*d] (``tables``: `item_tables`, when already computed)."""
         check_seq(seq, self.cfg.max_seq_len)
         check_lengths(lengths, seq)
-        z = self.encode_views(seq, last=lengths - 1).z  # [M, B, 1, d]: only the last position
-        return self.scores(z[:, :, 0])  # [B, N+1]
+        z = self.encode_views(seq, last=lengths - 1, tables=tables).z  # [M, B, 1, d]: only the last position
+        return z[:, :, 0].permute(1, 0, 2).flatten(1)  # [B, M*d]
 
     def loss(self, seq: torch.Tensor, targets: torch.Tensor, normalizer: float | None = None
              ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -525,15 +593,17 @@ class CAMMSR(nn.Module):
         """
         check_seq(seq, self.cfg.max_seq_len)
         check_targets(targets, seq)
-        self.drop_ids()  # item-ID dropout for this step (unknown item IDs)
-        out = self.encode_views(seq)
+        self.drop_ids()  # item-ID dropout for this step (unknown item IDs); before the tables read the IDs
         pos = targets > 0  # [B, L]
+        last = pos.long().cumsum(1).argmax(1)  # [B] last position with a target: the contrastive loss's
+        tables = self.item_tables()  # each [N+1, d]
+        out = self.encode_views(seq, tables=tables, swap_last=last)
         z = self.drop_modalities(out.z)[:, pos]  # [M, P, d]
         h = z.permute(1, 0, 2).flatten(1)  # [P, M*d]
         # CE over the real items only (table rows 1..N, targets shifted by one): the same loss as
         # `scores` with the padding column at -inf, computed a block of targets at a time so that the
         # [P, N] score matrix is never held whole (see chunked_ce.py).
-        ce = chunked_softmax_ce(h, self.score_table()[1:], targets[pos] - 1)  # summed over P targets
+        ce = chunked_softmax_ce(h, self.score_table(tables)[1:], targets[pos] - 1)  # summed over P targets
         loss_rec = ce / (normalizer if normalizer is not None else max(int(pos.sum()), 1))
         parts = {"rec": loss_rec.detach()}
         loss = loss_rec
@@ -545,9 +615,8 @@ class CAMMSR(nn.Module):
             loss = loss + self.cfg.lambda_cat * loss_cat
             parts["cat"] = loss_cat.detach()
         if out.swap_views is not None and self.cfg.lambda_cl > 0:
-            last = pos.long().cumsum(1).argmax(1)  # [B] last position with a target
             rows = torch.arange(len(seq), device=seq.device)
-            a, b = out.swap_views[0, rows, last], out.swap_views[1, rows, last]  # [B, d] each
+            a, b = out.swap_views[0, :, 0], out.swap_views[1, :, 0]  # [B, d] each, at `last`
             t = targets[rows, last]  # [B]
             loss_cl = info_nce(a, b, self.cfg.cl_temperature, same_target=t[:, None] == t[None, :])
             loss = loss + self.cfg.lambda_cl * loss_cl

@@ -2,13 +2,21 @@
 
 ``chunked_softmax_ce(h, table, targets)`` has the value and gradients of
 ``F.cross_entropy(h @ table.T, targets, reduction="sum")``, but the [P, N] score matrix (P targets,
-N items) never exists whole: each block of rows is scored, its log-sum-exp taken, and turned in
-place into its gradient (softmax - one-hot), which is multiplied straight back into the gradients
-of ``h`` and ``table``. Autograd would keep the scores and the log-probabilities ([P, N] each) for
-the backward pass and allocate two more in it; a batch of long sequences has tens of thousands of
-targets, so that is gigabytes (measured 10.8 GB peak RSS at P = 16,000, N = 11,925 vs 1.3 GB here)
-for the same arithmetic. Gradients are computed in the forward pass, so this is for losses that are
+N items) never exists whole: each block of rows is scored, turned into log-probabilities (float32)
+or probabilities (bfloat16) by one row-wise softmax kernel, then in place into its gradient
+(softmax - one-hot), which is multiplied straight back into the gradients of ``h`` and ``table``.
+Autograd would keep the scores and the log-probabilities ([P, N] each) for the backward pass and
+allocate two more in it; a batch of long sequences has tens of thousands of targets, so that is
+gigabytes (measured 10.8 GB peak RSS at P = 16,000, N = 11,925 vs 1.3 GB here) for the same
+arithmetic. Gradients are computed in the forward pass, so this is for losses that are
 backpropagated once (no double backward).
+
+``compute_dtype=torch.bfloat16`` runs the three matmuls (scores, d/dh, d/dtable) in bfloat16 with
+float32 accumulation and the softmax on the bfloat16 scores (float32 inside the kernel), as CPU
+autocast would, without the [P, N] float32 copies autocast's ``F.cross_entropy`` makes: on a CPU with
+AMX/AVX512-BF16 that is 2-2.7x faster per step (benchmarks/README.md). The gradients carry bfloat16
+rounding (relative ~3e-3, like autocast); the returned loss is -log of the bfloat16 target
+probability (relative ~1e-5 on the sum).
 """
 
 from __future__ import annotations
@@ -21,36 +29,53 @@ CHUNK_ROWS = 2048  # targets per block: one block of [2048, N] floats; smaller b
 
 class _ChunkedSoftmaxCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-        loss = h.new_zeros((), dtype=torch.float32)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_table = torch.zeros_like(table) if ctx.needs_input_grad[1] else None
-        rows = torch.arange(min(chunk, len(h)), device=h.device)
-        for start in range(0, len(h), chunk):
-            hc, tc = h[start : start + chunk], targets[start : start + chunk]  # [c, d], [c]
-            logits = hc @ table.T  # [c, N]
-            lse = torch.logsumexp(logits, dim=1)  # [c]
-            loss += lse.sum() - logits.gather(1, tc[:, None]).sum()
-            if grad_h is None and grad_table is None:
-                continue
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: [c, N]
-            grad[rows[: len(tc)], tc] -= 1.0  # d CE / d logits = softmax - one-hot
-            if grad_h is not None:
-                torch.mm(grad, table, out=grad_h[start : start + chunk])  # [c, d]
-            if grad_table is not None:
-                grad_table.addmm_(grad.T, hc)  # [N, d]
-        ctx.save_for_backward(grad_h, grad_table)
-        return loss
+    def forward(ctx, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, chunk: int,
+                compute_dtype: torch.dtype) -> torch.Tensor:
+        with torch.autocast(h.device.type, enabled=False):  # dtypes are explicit here
+            return _forward(ctx, h, table, targets, chunk, compute_dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_h, grad_table = ctx.saved_tensors
-        return (grad_h * grad_out if grad_h is not None else None,
-                grad_table * grad_out if grad_table is not None else None, None, None)
+        grad_h, grad_table_t = ctx.saved_tensors
+        return (grad_h * grad_out if ctx.needs_input_grad[0] else None,
+                grad_table_t.T * grad_out if ctx.needs_input_grad[1] else None, None, None, None)
+
+
+def _forward(ctx, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, chunk: int,
+             compute_dtype: torch.dtype) -> torch.Tensor:
+    low = compute_dtype != torch.float32
+    hx, tx = h.to(compute_dtype), table.to(compute_dtype)  # [P, d], [N, d] (no copy in float32)
+    loss = h.new_zeros((), dtype=torch.float32)
+    need_h, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_h = torch.empty_like(h) if need_h else None
+    grad_table_t = None  # [d, N]: h.T @ grad writes it contiguously (grad.T @ h into [N, d] measured 2.5x slower)
+    rows = torch.arange(min(chunk, len(h)), device=h.device)
+    for start in range(0, len(h), chunk):
+        hc, tc = hx[start : start + chunk], targets[start : start + chunk]  # [c, d], [c]
+        logits = hc @ tx.T  # [c, N]
+        if low:  # probabilities straight from the bfloat16 scores (the kernel works in float32)
+            grad = torch.softmax(logits, dim=1)  # [c, N]
+            loss -= grad.gather(1, tc[:, None]).float().clamp_(min=torch.finfo(torch.float32).tiny).log_().sum()
+        else:
+            logp = torch.log_softmax(logits, dim=1)  # [c, N] one row-wise pass, in cache
+            loss -= logp.gather(1, tc[:, None]).sum()
+            grad = logp.exp_()  # softmax, in place
+        if not (need_h or need_table):
+            continue
+        grad[rows[: len(tc)], tc] -= 1.0  # d CE / d logits = softmax - one-hot
+        if need_h:
+            grad_h[start : start + chunk] = grad @ tx  # [c, d]
+        if need_table:
+            part = hc.T @ grad  # [d, N]
+            grad_table_t = part.float() if grad_table_t is None else grad_table_t.add_(part)
+    if need_table and grad_table_t is None:  # no rows at all
+        grad_table_t = table.new_zeros(table.shape[1], table.shape[0])
+    ctx.save_for_backward(grad_h, grad_table_t)
+    return loss
 
 
 def chunked_softmax_ce(h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
-                       chunk: int = CHUNK_ROWS) -> torch.Tensor:
+                       chunk: int = CHUNK_ROWS, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Summed CE of scores ``h @ table.T`` against ``targets``, block by block.
 
     Args:
@@ -58,9 +83,18 @@ def chunked_softmax_ce(h: torch.Tensor, table: torch.Tensor, targets: torch.Tens
         table: FloatTensor [N, d] the items that can be predicted.
         targets: LongTensor [P] column of each row's target in ``table``.
         chunk: rows scored at once.
+        compute_dtype: dtype of the matmuls and the softmax input (float32 or bfloat16); None: bfloat16
+            under CPU autocast to bfloat16, else float32.
 
-    Under autocast (CUDA AMP) this falls back to ``F.cross_entropy`` so mixed precision behaves as before.
+    Under CUDA autocast this falls back to ``F.cross_entropy`` on the whole score matrix (CUDA AMP as before).
     """
-    if torch.is_autocast_enabled(h.device.type) or h.dtype != torch.float32 or table.dtype != torch.float32:
+    device = h.device.type
+    if device != "cpu" and torch.is_autocast_enabled(device):
         return F.cross_entropy(h @ table.T, targets, reduction="sum")
-    return _ChunkedSoftmaxCE.apply(h, table, targets, chunk)
+    if compute_dtype is None:
+        cpu_bf16 = device == "cpu" and torch.is_autocast_enabled("cpu") \
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        compute_dtype = torch.bfloat16 if cpu_bf16 else torch.float32
+    if compute_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"compute_dtype: expected float32 or bfloat16, found {compute_dtype}")
+    return _ChunkedSoftmaxCE.apply(h.float(), table.float(), targets, chunk, compute_dtype)

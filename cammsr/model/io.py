@@ -48,7 +48,7 @@ def config_from_params(train: TrainParams, split: SplitData, split_params: Split
         modality_dropout=train.modality_dropout, content_table=train.content_table,
         shared_encoder=train.shared_encoder, category_loss=train.category_loss,
         num_path_tokens=len(split.path_tokens or []),
-        id_dropout=train.id_dropout,
+        id_dropout=train.id_dropout, fast_dropout=train.fast_dropout,
     )
     return cfg.sasrec() if train.model == "sasrec" else cfg
 

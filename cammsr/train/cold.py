@@ -32,11 +32,11 @@ import numpy as np
 
 from cammsr.core.atomic import atomic_path, write_json_atomic
 from cammsr.core.config import Params
-from cammsr.core.device import pick_device
+from cammsr.core.device import pick_device, resolve_precision
 from cammsr.core.paths import CatalogPaths
 from cammsr.data.splits import SplitData, load_splits
 from cammsr.evaluate.metrics import metrics_from_ranks
-from cammsr.evaluate.ranking import popularity_scorer, rank_targets
+from cammsr.evaluate.ranking import model_scores, popularity_scorer, rank_targets
 from cammsr.model.io import load_checkpoint
 from cammsr.train.experiments import VARIANTS, slug
 from cammsr.train.trainer import run_train
@@ -133,8 +133,9 @@ def run_cold_variant(name: str, variant: str, seed: int, params: Params, paths: 
         model, ckpt = load_checkpoint(run_paths.checkpoint, cold.full, run_paths, map_location=device)
         model.to(device).eval()
         hist, targets, is_cold = cold.test(params.splits.max_seq_len)
-        ranks = rank_targets(model.score_last, hist, targets, params.evaluate.batch_size,
-                             params.evaluate.mask_history, device)
+        precision = resolve_precision(params.evaluate.precision, device, auto_on=("cpu",))  # exact ranks either way
+        ranks = rank_targets(model_scores(model), hist, targets, params.evaluate.batch_size,
+                             params.evaluate.mask_history, device, precision)
         tsum = json.loads(run_paths.summary("train").read_text())["counts"]
         write_json_atomic(run_paths.metrics, {"variant": variant, "seed": seed, "epochs": tsum["epochs_run"],
                                               "best_epoch": int(ckpt.get("epoch", -1)),

@@ -1,9 +1,19 @@
-"""Ranking under both history-masking protocols from one scoring pass equals two separate passes."""
+"""cammsr/evaluate/ranking.py: both protocols from one pass; the model's factored scores; runs by length."""
 
 import numpy as np
+import pytest
 import torch
 
-from cammsr.evaluate.ranking import rank_targets, rank_targets_by_protocol
+from cammsr.data.batches import pad_right
+from cammsr.evaluate.ranking import (
+    MIN_GROUP,
+    PADDING_SLACK,
+    FactoredScores,
+    _by_length,
+    model_scores,
+    rank_targets,
+    rank_targets_by_protocol,
+)
 
 
 def test_both_protocols_in_one_pass_equal_separate_passes():
@@ -22,3 +32,72 @@ def test_both_protocols_in_one_pass_equal_separate_passes():
     for mask in (False, True):
         assert np.array_equal(both[mask], rank_targets(score, histories, targets, 8, mask))
     assert (both[True] <= both[False]).all() and (both[True] < both[False]).any()  # masking only lifts
+
+
+# ------------------------------------------------------------------ the model's factored scores, runs by length
+
+def _model(**overrides):
+    from tests.cammsr.model.test_cammsr import make_model
+
+    model = make_model(**overrides).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # far from the init, so that scores differ item to item
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("overrides", [{}, {"content_table": "frozen"}, {"score_refined": True},
+                                       {"score_scale": "learned", "use_image": False}, {"num_experts": 0}])
+def test_model_scores_rank_as_score_last(overrides):
+    model = _model(**overrides)
+    rng = np.random.default_rng(0)
+    histories = [rng.integers(1, 31, rng.integers(1, 9)) for _ in range(60)]
+    targets = rng.integers(1, 31, 60)
+    factored = model_scores(model)
+    seq, lengths = pad_right(histories[:7]), torch.tensor([len(h) for h in histories[:7]])
+    assert torch.allclose(factored(seq, lengths), model.score_last(seq, lengths), atol=1e-5)
+    for mask in (False, True):
+        expected = rank_targets(model.score_last, histories, targets, 16, mask)
+        assert np.array_equal(rank_targets(factored, histories, targets, 16, mask), expected)
+        assert np.array_equal(rank_targets(factored, histories, targets, 16, mask, precision=torch.bfloat16),
+                              expected)
+
+
+def test_model_scores_see_the_unknown_ids():
+    model = _model()
+    model.mark_unknown_ids(torch.arange(31) % 4 == 1)
+    seq, lengths = torch.tensor([[1, 2, 5, 0], [3, 4, 6, 9]]), torch.tensor([3, 4])
+    assert torch.allclose(model_scores(model)(seq, lengths), model.score_last(seq, lengths), atol=1e-5)
+    d = model.cfg.hidden_size
+    assert torch.equal(model_scores(model).items[5, :d], model.missing["id"])  # item 5: unknown ID vector
+
+
+def test_by_length_runs_keep_the_input_order():
+    rng = np.random.default_rng(0)
+    histories = [rng.integers(1, 100, n) for n in rng.integers(1, 51, 700)]
+    lengths = np.array([len(h) for h in histories])
+    idx = np.argsort(lengths, kind="stable")[50:650]  # a length-sorted batch, as the ranker passes it
+    runs = []
+
+    def fn(seq, lens):
+        runs.append((seq.shape, lens.clone()))
+        return torch.stack([seq[:, 0], lens, seq.shape[1] * torch.ones_like(lens)], 1)  # [b, 3]
+
+    out = _by_length(fn, histories, idx, lengths, "cpu")
+    assert out[:, 0].tolist() == [int(histories[i][0]) for i in idx]  # each row is its user's, in order
+    assert out[:, 1].tolist() == lengths[idx].tolist()
+    assert len(runs) > 1 and all(shape[0] >= MIN_GROUP for shape, _ in runs[:-1])  # several runs, none tiny
+    assert all(int(lens.max()) == shape[1] for shape, lens in runs)  # each run padded to its own longest
+    for shape, lens in runs:  # past MIN_GROUP users a run stops before its padding passes the slack
+        assert shape[0] <= MIN_GROUP or shape[0] * shape[1] <= (1 + PADDING_SLACK) * int(lens.sum())
+    tokens = sum(shape[0] * shape[1] for shape, _ in runs)
+    assert tokens < 0.75 * len(idx) * lengths[idx].max()  # one batch padded to its longest: a third more
+
+
+def test_factored_scores_put_padding_at_minus_infinity():
+    items = torch.randn(6, 3)
+    scorer = FactoredScores(lambda seq, lengths: items[seq[:, 0]], items)
+    scores = scorer(torch.tensor([[2], [4]]), torch.tensor([1, 1]))
+    assert scores[:, 0].eq(float("-inf")).all()
+    assert torch.allclose(scores[:, 1:], items[[2, 4]] @ items[1:].T)

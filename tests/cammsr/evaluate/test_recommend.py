@@ -152,11 +152,14 @@ def test_a_new_item_is_ranked_from_its_content_without_retraining(trained):
     model, _ = load_checkpoint(trained.checkpoint, split, trained)
     model.eval()
     train_mean = {m: read_rows(trained.split_features(m)).embeddings.mean(0) for m in DIMS}
-    # Content the trained projections favour for user u: after centring on the training items' mean and
-    # scaling to unit length, the feature is the direction W_m^T Z_m of the projection's best response.
+    # Content the scored table favours for user u: after centring on the training items' mean and scaling to
+    # unit length, the feature is the direction W_m^T Z_m of the best response, W_m the frozen principal
+    # directions that score text/image (content_table "frozen", the default) or the learned projection.
     with torch.no_grad():
         z = _user_z(model, split, u)
-        best = {m: (model.feature_proj[m].weight.T @ z[model.mods.index(m)]).numpy() for m in DIMS}
+        frozen = model.cfg.content_table == "frozen"
+        w = {m: model.frozen[m].score_basis if frozen else model.feature_proj[m].weight for m in DIMS}
+        best = {m: (w[m].T @ z[model.mods.index(m)]).numpy() for m in DIMS}
     features = {m: train_mean[m] + 3 * best[m] / np.linalg.norm(best[m]) for m in DIMS}
     _add_item(trained, "new-item", "c1", features)
     _add_item(trained, "no-content", "c2", {})  # neither interactions nor features: never recommended
@@ -170,13 +173,15 @@ def test_a_new_item_is_ranked_from_its_content_without_retraining(trained):
     mine = table.filter(pl.col("user_id") == split.user_ids[u]).sort("rank")
     assert mine.filter(pl.col("item_id") == "new-item")["rank"][0] <= 5, mine.head(8)
 
-    # Its score by hand, from the model as trained (no growth): the unknown-ID vector and the content
-    # through the trained projections, the features prepared with the training items' mean.
+    # Its score by hand, from the model as trained (no growth): the unknown-ID vector and the content on the
+    # scored table's projection (frozen directions or the trained projection), prepared with the training
+    # items' mean.
     with torch.no_grad():
         e = {"id": model.missing["id"]}
         for m in DIMS:
             f = torch.from_numpy(features[m] - train_mean[m]).float()
-            e[m] = model.feature_proj[m](f / f.norm())
+            f = f / f.norm()
+            e[m] = model.frozen[m].score_basis @ f if frozen else model.feature_proj[m](f)
         by_hand = sum(float(z[j] @ e[m]) for j, m in enumerate(model.mods))
     assert mine.filter(pl.col("item_id") == "new-item")["score"][0] == pytest.approx(by_hand, rel=1e-4, abs=1e-5)
     # the trained items keep their order: the catalog's growth moved none of their features

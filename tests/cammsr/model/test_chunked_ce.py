@@ -31,3 +31,45 @@ def test_hand_computed_value_and_frozen_table():
     loss.backward()
     p = torch.softmax(torch.tensor([0.0, 1.0]), 0)
     assert torch.allclose(h.grad, (p - torch.tensor([0.0, 1.0])) @ table)  # grad_h = (softmax - onehot) @ table
+
+
+def _loss_and_grads(h, table, targets, **kwargs):
+    h, table = h.detach().clone().requires_grad_(), table.detach().clone().requires_grad_()
+    loss = chunked_softmax_ce(h, table, targets, **kwargs)
+    loss.backward()
+    return loss.detach(), h.grad, table.grad
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_bfloat16_loss_and_gradients_match_float32():
+    g = torch.Generator().manual_seed(0)
+    h, table = torch.randn(300, 64, generator=g) * 0.3, torch.randn(2000, 64, generator=g) * 0.3  # logits ~ +-2
+    targets = torch.randint(0, 2000, (300,), generator=g)
+    ref = _loss_and_grads(h, table, targets, chunk=128)
+    low = _loss_and_grads(h, table, targets, chunk=128, compute_dtype=torch.bfloat16)
+    assert abs(low[0].item() - ref[0].item()) < 2e-4 * ref[0].item()  # measured 2.4e-5
+    assert _rel(low[1], ref[1]) < 1e-2 and _rel(low[2], ref[2]) < 1e-2  # measured 2.4e-3: bfloat16 rounding
+    assert low[1].dtype == low[2].dtype == torch.float32
+    assert not torch.equal(low[1], ref[1])  # it did compute in bfloat16
+    # chunking does not change the bfloat16 result beyond summation order (which may move a gradient entry by
+    # one bfloat16 step where the blocks' float32 partial sums round differently)
+    whole = _loss_and_grads(h, table, targets, chunk=4096, compute_dtype=torch.bfloat16)
+    assert torch.allclose(whole[0], low[0], rtol=1e-5) and _rel(whole[1], low[1]) < 1e-3
+
+
+def test_cpu_autocast_picks_bfloat16_and_plain_calls_float32():
+    g = torch.Generator().manual_seed(1)
+    h, table = torch.randn(50, 16, generator=g), torch.randn(70, 16, generator=g)
+    targets = torch.randint(0, 70, (50,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = _loss_and_grads(h, table, targets)
+    explicit = _loss_and_grads(h, table, targets, compute_dtype=torch.bfloat16)
+    assert all(torch.equal(a, b) for a, b in zip(auto, explicit, strict=True))
+    plain = _loss_and_grads(h, table, targets)
+    assert all(torch.equal(a, b) for a, b in zip(plain, _loss_and_grads(h, table, targets,
+                                                                          compute_dtype=torch.float32), strict=True))
+    with pytest.raises(ValueError, match="compute_dtype"):
+        chunked_softmax_ce(h, table, targets, compute_dtype=torch.float16)

@@ -1,0 +1,186 @@
+"""Exact ranks from a bfloat16 score matmul.
+
+Full ranking needs, per user, the number of items that score at least as high as the target. The
+scores are dot products, user vector h [D] times item vector t_i [D]. On a CPU with AMX the matmul
+in bfloat16 is ~3x the float32 speed, but bfloat16 keeps 8 bits, so a plain bf16 score is off by up
+to ~1% of ||h|| ||t_i||, far more than the gaps between neighbouring items. Two things make it exact:
+
+1. **Each user's scores come out relative to its target's, at near-float32 accuracy.** h and the table
+   are split into bfloat16 high and low parts (x = hi + lo + r, |r| <= 2^-16 |x|) and the matmul runs
+   on ``[h_hi, h_lo, h_hi, -c_hi, -c_lo] . [t_hi, t_hi, t_lo, 1, 1]`` = h.t_i - c + O(2^-16), with c the
+   target's score (float64). Its output, rounded to bfloat16, is therefore the *sign* of s_i - c
+   wherever |s_i - c| exceeds a proven bound E (a few 1e-5 of ||h|| max||t||): rounding to nearest
+   never flips a sign. The matmul is 3D + 2 wide; at D = 64 it costs the same as a D-wide one (its
+   output, not its depth, bounds it).
+2. **The items within E of the target are rechecked exactly**: their dot products in float64 (the
+   products of float32 numbers are exact there), a handful per user.
+
+So the rank of every target is exactly what float32 (or real) arithmetic gives whenever its
+neighbours are further than float32 rounding (~1e-7 relative) from it, and exact ties (identical
+item vectors) count against the target as in `cammsr.evaluate.metrics.target_ranks`. Masked
+history items are handled by subtracting the (exactly rechecked) history items that scored at least
+the target.
+
+The bound, for x split as above (u = 2^-8 the bfloat16 unit roundoff, K = 3D + 2 terms, float32
+accumulation with gamma_K = K 2^-24 / (1 - K 2^-24)): the matmul's exact value differs from
+h.t_i - c by at most 3.1 u^2 (A_i + |c|), with A_i = sum_k |h_k t_ik| <= ||h|| ||t_i||, and its
+float32 accumulation adds gamma_K (1.1 A_i + 1.1 |c|); flush-to-zero adds at most K 2^-126. An output
+o with |o| > E (1 + u) certifies the sign of s_i - c.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from cammsr.evaluate.metrics import NonFiniteScoresError
+
+U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
+U_F32 = 2.0**-24
+
+
+class NonFiniteVectorsError(NonFiniteScoresError):
+    """A user or item vector holds NaN or infinity: its scores cannot be ranked (a `NonFiniteScoresError`,
+    as the float32 path raises on the scores they would give)."""
+
+
+def split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 x -> bfloat16 (hi, lo) with x = hi + lo + r, |r| <= 2^-16 |x| elementwise."""
+    hi = x.to(torch.bfloat16)
+    return hi, (x - hi.float()).to(torch.bfloat16)
+
+
+class ExactBF16Ranker:
+    """Ranks targets among all items from bfloat16 matmuls plus an exact recheck.
+
+    Args:
+        items: FloatTensor [N+1, D] the item vectors (row 0 = padding, never ranked).
+    """
+
+    def __init__(self, items: torch.Tensor) -> None:
+        items = items.detach().float().contiguous()
+        if not torch.isfinite(items).all():
+            raise NonFiniteVectorsError("NaN or infinity in the item table: ranking stopped")
+        self.items = items  # [N+1, D]
+        self.items64 = items.double()
+        hi, lo = split_bf16(items)
+        ones = torch.ones(len(items), 2, dtype=torch.bfloat16, device=items.device)
+        # zero columns up to a multiple of 32: AMX tiles take 32 bf16 per row (194 wide measured 1.4x slower than 224)
+        self.width = -(-(3 * items.shape[1] + 2) // 32) * 32
+        pad = torch.zeros(len(items), self.width - 3 * items.shape[1] - 2, dtype=torch.bfloat16, device=items.device)
+        self.table = torch.cat([hi, hi, lo, ones, pad], dim=1)  # [N+1, K]
+        self.norm_max = float(items[1:].norm(dim=1).max()) if len(items) > 1 else 0.0
+        k = self.table.shape[1]
+        gamma = k * U_F32 / (1 - k * U_F32)
+        self._rel = (3.1 * U_BF16**2 + 1.1 * gamma) * (1 + 1e-3)  # x (A + |c|), margin for the float64 parts
+        self._abs = k * 2.0**-126  # flush-to-zero of subnormal products
+
+    def exact_scores(self, h64: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """float64 scores of users ``rows`` (into h64 [B, D]) with items ``cols``: [P]."""
+        return (h64[rows] * self.items64[cols]).sum(1)
+
+    def ranks(self, h: torch.Tensor, targets: torch.Tensor, histories: torch.Tensor | None = None,
+              masks: tuple[bool, ...] = (False,)) -> dict[bool, torch.Tensor]:
+        """0-based rank of each target (items scoring >= it, the target excluded), per masking choice.
+
+        Args:
+            h: FloatTensor [B, D] user vectors.
+            targets: LongTensor [B] item index of each target (1..N).
+            histories: LongTensor [B, L] each user's earlier items (0 = padding), for ``True`` in ``masks``:
+                those items (but the target) leave the ranking.
+            masks: which protocols to return (False = unmasked, True = history masked).
+
+        Raises:
+            NonFiniteVectorsError: a user vector is not finite.
+        """
+        h = h.detach().float().contiguous()
+        if not torch.isfinite(h).all():
+            raise NonFiniteVectorsError("NaN or infinity in a user vector: ranking stopped")
+        B = len(h)
+        rows = torch.arange(B, device=h.device)
+        h64 = h.double()
+        c = self.exact_scores(h64, rows, targets)  # [B] float64 target scores
+        c_hi, c_lo = split_bf16(-c.float())  # c's float32 rounding is folded into the bound below
+        h_hi, h_lo = split_bf16(h)
+        pad = h_hi.new_zeros(B, self.width - 3 * h.shape[1] - 2)
+        lhs = torch.cat([h_hi, h_lo, h_hi, c_hi[:, None], c_lo[:, None], pad], dim=1)  # [B, K]
+        out = lhs @ self.table.T  # [B, N+1] bfloat16: ~ s_i - c
+        out[:, 0] = float("-inf")  # padding
+        out[rows, targets] = float("-inf")  # the target itself is not counted
+        # E: the bound on |out_i (unrounded) - (s_i - c)|, plus the float32 rounding of c in the c column
+        a = h.norm(dim=1).double() * self.norm_max + c.abs()  # [B] >= A_i + |c|
+        bound = (a * self._rel + self._abs + c.abs() * U_F32 * 1.01) * (1 + 2 * U_BF16)
+        tau = _round_up_bf16(bound).view(torch.int16)  # [B]: |out| > tau certifies the sign
+        above, r, i = classify(out, tau)  # certified s_i > c per row; the (row, item) pairs with |out| <= tau
+        hit = self.exact_scores(h64, r, i) >= c[r]
+        ranks = above + torch.zeros(B, dtype=torch.int64, device=h.device).index_add_(0, r, hit.long())
+        result = {False: ranks}
+        if True in masks:
+            if histories is None:
+                raise ValueError("masked ranks need the histories")
+            result[True] = ranks - self._history_at_or_above(h64, c, targets, histories)
+        return {m: result[m] for m in masks}
+
+    def _history_at_or_above(self, h64: torch.Tensor, c: torch.Tensor, targets: torch.Tensor,
+                             histories: torch.Tensor) -> torch.Tensor:
+        """Per user, the distinct history items (not the target, not padding) scoring >= the target: [B]."""
+        seq = histories.sort(dim=1).values  # [B, L]
+        keep = (seq > 0) & (seq != targets[:, None])
+        keep[:, 1:] &= seq[:, 1:] != seq[:, :-1]  # each item once
+        r, j = keep.nonzero(as_tuple=True)
+        hit = self.exact_scores(h64, r, seq[r, j]) >= c[r]
+        return torch.zeros(len(seq), dtype=torch.int64, device=seq.device).index_add_(0, r, hit.long())
+
+
+def _round_up_bf16(x: torch.Tensor) -> torch.Tensor:
+    """Positive float64 x -> the smallest bfloat16 >= x (rounding to nearest may round down)."""
+    b = x.float().to(torch.bfloat16)
+    return torch.where(b.double() < x, (b.view(torch.int16) + 1).view(torch.bfloat16), b)
+
+
+def classify(out: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row of bfloat16 ``out`` [B, N]: how many entries are > tau (the row's positive bfloat16 bound, as
+    int16 bits [B]), and the (row, column) pairs with |entry| <= tau: ([B], [P], [P]).
+
+    The entries are compared as int16 bits: a non-negative bfloat16 orders as its bits, a negative one
+    has the sign bit set (a negative int16), and its magnitude is the bits without the sign. On the CPU
+    this runs in numpy over blocks of rows on torch's thread count (numpy releases the GIL), counting
+    a bool row 64 entries at a time (numpy's popcount); torch's int16 compares with a broadcast
+    threshold and its ``nonzero`` measured 5-10x slower here.
+    """
+    if out.device.type != "cpu":
+        o16 = out.view(torch.int16)
+        near = (o16 & 0x7FFF).le(tau[:, None]).nonzero()
+        return (o16 > tau[:, None]).sum(dim=1), near[:, 0], near[:, 1]
+    o16, t16 = out.view(torch.int16).numpy(), tau.numpy()[:, None]
+    B, N = o16.shape
+    width = -(-N // 64) * 64  # bool rows padded for 64-bit popcounts
+    above = np.empty(B, dtype=np.int64)
+    found: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def block(rows: slice) -> None:
+        n = rows.stop - rows.start
+        hits = np.zeros((n, width), dtype=np.bool_)
+        np.greater(o16[rows], t16[rows], out=hits[:, :N])
+        above[rows] = np.bitwise_count(hits.view(np.uint64)).sum(axis=1, dtype=np.int64)
+        np.less_equal(np.bitwise_and(o16[rows], np.int16(0x7FFF)), t16[rows], out=hits[:, :N])
+        # few are near: find the nonzero 64-bit words first, then the bytes inside them
+        words = np.flatnonzero(hits.view(np.uint64))  # [w]
+        pos = (words[:, None] * 8 + np.arange(8)).ravel()  # byte offsets in hits
+        pos = pos[hits.reshape(-1)[pos]]
+        found.append((pos // width + rows.start, pos % width))
+
+    step = 64
+    blocks = [slice(s, min(s + step, B)) for s in range(0, B, step)]
+    threads = max(1, min(torch.get_num_threads(), len(blocks)))
+    if threads == 1:
+        for b in blocks:
+            block(b)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(block, blocks))
+    r = np.concatenate([f[0] for f in found]) if found else np.zeros(0, np.int64)
+    c = np.concatenate([f[1] for f in found]) if found else np.zeros(0, np.int64)
+    return torch.from_numpy(above), torch.from_numpy(r.astype(np.int64)), torch.from_numpy(c.astype(np.int64))
