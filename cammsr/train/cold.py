@@ -38,7 +38,7 @@ from cammsr.data.splits import SplitData, load_splits
 from cammsr.evaluate.metrics import metrics_from_ranks
 from cammsr.evaluate.ranking import model_scores, popularity_scorer, rank_targets
 from cammsr.model.io import load_checkpoint
-from cammsr.train.experiments import VARIANTS, slug
+from cammsr.train.experiments import VARIANTS, feature_source, slug
 from cammsr.train.trainer import run_train
 
 log = logging.getLogger(__name__)
@@ -161,17 +161,6 @@ def cold_table(runs: dict[str, list[dict]], popularity: dict) -> str:
     return "\n".join(lines)
 
 
-def _source(params: Params, name: str, modality: str) -> str:
-    """Where a catalog's features of ``modality`` come from, in words."""
-    pre = params.catalog(name).precomputed(modality)
-    if pre is not None:
-        return f"imported from `{pre.file.rsplit('/', 1)[-1]}`" + (f" ({pre.provenance})" if pre.provenance else "")
-    if modality == "text":
-        return f"`{params.features.text.model}`"
-    image = params.features.image
-    return f"`{image.model}` (pretrained: {image.pretrained}{' = RANDOM weights' if image.pretrained is None else ''})"
-
-
 def run_cold_items(name: str, params: Params, paths: CatalogPaths, seeds: list[int], variants: list[str],
                    fraction: float, cold_seed: int, out: Path, overrides: dict | None = None) -> str:
     """Run the cold-item study for every variant x seed (finished runs are reused); write the report to ``out``."""
@@ -209,8 +198,8 @@ def run_cold_items(name: str, params: Params, paths: CatalogPaths, seeds: list[i
         f"Full ranking, history {'masked' if params.evaluate.mask_history else 'not masked'}; mean ± std over "
         f"training seeds {seeds}; model selection on validation NDCG@10 (warm targets) with patience "
         f"{train.patience}, at most {train.epochs} epochs; item-ID dropout {train.id_dropout} unless the "
-        f"variant sets it. Text features: {_source(params, name, 'text')}; image features: "
-        f"{_source(params, name, 'image')}.", "",
+        f"variant sets it. Text features: {feature_source(params, name, 'text')}; image features: "
+        f"{feature_source(params, name, 'image')}.", "",
         f"Catalog `{name}`: reviews `{catalog.reviews}`, metadata `{catalog.meta}`; split "
         f"{params.splits.user_core}/{params.splits.item_core}-core, {len(cold.full.user_ids)} users. "
         f"Reproduce (after `dvc repro split_features@{name}`): `{command}` "

@@ -129,6 +129,17 @@ def comparison_table(results: list[RunResult], reference: str = "CAMMSR", masked
     return "\n".join(lines)
 
 
+def feature_source(params: Params, name: str, modality: str) -> str:
+    """Where a catalog's features of ``modality`` come from, in words."""
+    pre = params.catalog(name).precomputed(modality)
+    if pre is not None:
+        return f"imported from `{pre.file.rsplit('/', 1)[-1]}`" + (f" ({pre.provenance})" if pre.provenance else "")
+    if modality == "text":
+        return f"`{params.features.text.model}`"
+    image = params.features.image
+    return f"`{image.model}` (pretrained: {image.pretrained}{' = RANDOM weights' if image.pretrained is None else ''})"
+
+
 def verdict(results: list[RunResult], model: str = "CAMMSR", baselines: tuple[str, ...] = ("SASRec",)) -> list[str]:
     """One line per baseline run beside ``model``: relative test NDCG@10 difference and whether the
     difference of the means exceeds the sum of their standard deviations (over seeds)."""
@@ -192,9 +203,8 @@ def run_experiments(name: str, params: Params, paths: CatalogPaths, seeds: list[
         f"{'masked' if params.evaluate.mask_history else 'not masked'}; mean ± std over seeds {seeds}. "
         f"Model selection on validation NDCG@10 with patience {train.patience}, at most {train.epochs} epochs; "
         f"batch {train.batch_size}, lr {train.lr}, d {train.hidden_size}. "
-        f"Text features: `{params.features.text.model}`; image features: `{params.features.image.model}` "
-        f"(pretrained: {params.features.image.pretrained}"
-        f"{' = RANDOM weights' if params.features.image.pretrained is None else ''}).", "",
+        f"Text features: {feature_source(params, name, 'text')}; "
+        f"image features: {feature_source(params, name, 'image')}.", "",
         f"Tail: the {tail_users} test targets seen fewer than 5 times in training. "
         "Valid NDCG@10 is the selection metric of each run's best epoch.", "",
         f"Reproduce: `cammsr experiments --catalog {name} --seeds {','.join(map(str, seeds))}"
