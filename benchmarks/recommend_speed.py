@@ -6,8 +6,9 @@ On the catalog's split (ingested and split first when missing, as `benchmarks.vs
 checkpoint of a short training run (``--epochs``; the timing does not depend on how well it is trained), it
 times, best of ``--repeats`` and interleaved so that other work on a shared machine hits both alike:
 
-- the evaluation pass: `cammsr.evaluate.ranking.rank_targets` over every test user (full ranking, batched
-  and length-sorted), what `cammsr evaluate` does per part and ranker;
+- the evaluation pass: `cammsr.evaluate.ranking.rank_targets` over every test user as the evaluate stage runs it
+  (`model_scores`, ``evaluate.precision``; full ranking, batched and length-sorted), what `cammsr evaluate`
+  does per part and ranker;
 - recommend: `cammsr.evaluate.recommend.run_recommend` for every user of the split (each whole sequence,
   seen items excluded, top-k, streamed to Parquet), its ranking+writing loop and the whole call (which also
   loads the split and the checkpoint and hashes the checkpoint file).
@@ -29,10 +30,11 @@ import torch
 
 from benchmarks.vs_recbole import BENCH, prepare, scratch_params
 from cammsr.core.config import RecommendParams, load_params
+from cammsr.core.device import resolve_precision
 from cammsr.core.malloc import tune_glibc_malloc
 from cammsr.data.split_features import run_split_features
 from cammsr.data.splits import load_splits
-from cammsr.evaluate.ranking import rank_targets
+from cammsr.evaluate.ranking import model_scores, rank_targets
 from cammsr.evaluate.recommend import run_recommend
 from cammsr.model.io import load_checkpoint
 from cammsr.train.trainer import run_train
@@ -68,6 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     model, _ = load_checkpoint(run.checkpoint, split, paths)
     model.eval()
     hist, targets, _ = split.held_out("test", p.splits.max_seq_len)
+    # as the evaluate stage ranks: item tables once per pass, evaluate.precision
+    precision = resolve_precision(p.evaluate.precision, torch.device("cpu"), auto_on=("cpu",))
     params = RecommendParams(k=args.k, batch_size=args.batch_size)
     eval_s, call_s, runs = [], [], []
     with tempfile.TemporaryDirectory(prefix="recommend-speed-") as tmp:
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.repeats):
             t0 = time.perf_counter()
             with torch.no_grad():
-                rank_targets(model.score_last, hist, targets, args.batch_size)
+                rank_targets(model_scores(model), hist, targets, args.batch_size, precision=precision)
             eval_s.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             summary = run_recommend(args.catalog, params, run, device="cpu", out=out)
