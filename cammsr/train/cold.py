@@ -198,8 +198,8 @@ def run_cold_items(name: str, params: Params, paths: CatalogPaths, seeds: list[i
         f"Full ranking, history {'masked' if params.evaluate.mask_history else 'not masked'}; mean ± std over "
         f"training seeds {seeds}; model selection on validation NDCG@10 (warm targets) with patience "
         f"{train.patience}, at most {train.epochs} epochs; item-ID dropout {train.id_dropout} unless the "
-        f"variant sets it. Text features: {feature_source(params, name, 'text')}; image features: "
-        f"{feature_source(params, name, 'image')}.", "",
+        f"variant sets it. Text features: {feature_source(params, name, 'text', paths)}; image features: "
+        f"{feature_source(params, name, 'image', paths)}.", "",
         f"Catalog `{name}`: reviews `{catalog.reviews}`, metadata `{catalog.meta}`; split "
         f"{params.splits.user_core}/{params.splits.item_core}-core, {len(cold.full.user_ids)} users. "
         f"Reproduce (after `dvc repro split_features@{name}`): `{command}` "

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import yaml
 
 from cammsr.core.atomic import atomic_path, write_json_atomic
@@ -129,8 +130,11 @@ def comparison_table(results: list[RunResult], reference: str = "CAMMSR", masked
     return "\n".join(lines)
 
 
-def feature_source(params: Params, name: str, modality: str) -> str:
-    """Where a catalog's features of ``modality`` come from, in words."""
+def feature_source(params: Params, name: str, modality: str, paths: CatalogPaths | None = None) -> str:
+    """Where a catalog's features of ``modality`` come from, in words ("none" when the split's store is empty)."""
+    store = paths.split_features(modality) if paths is not None else None
+    if store is not None and store.exists() and pq.read_metadata(store).num_rows == 0:
+        return "none (no item of the catalog has any)"
     pre = params.catalog(name).precomputed(modality)
     if pre is not None:
         return f"imported from `{pre.file.rsplit('/', 1)[-1]}`" + (f" ({pre.provenance})" if pre.provenance else "")
@@ -203,8 +207,8 @@ def run_experiments(name: str, params: Params, paths: CatalogPaths, seeds: list[
         f"{'masked' if params.evaluate.mask_history else 'not masked'}; mean ± std over seeds {seeds}. "
         f"Model selection on validation NDCG@10 with patience {train.patience}, at most {train.epochs} epochs; "
         f"batch {train.batch_size}, lr {train.lr}, d {train.hidden_size}. "
-        f"Text features: {feature_source(params, name, 'text')}; "
-        f"image features: {feature_source(params, name, 'image')}.", "",
+        f"Text features: {feature_source(params, name, 'text', paths)}; "
+        f"image features: {feature_source(params, name, 'image', paths)}.", "",
         f"Tail: the {tail_users} test targets seen fewer than 5 times in training. "
         "Valid NDCG@10 is the selection metric of each run's best epoch.", "",
         f"Reproduce: `cammsr experiments --catalog {name} --seeds {','.join(map(str, seeds))}"

@@ -1,9 +1,11 @@
+import numpy as np
 import pytest
 
 from cammsr.core.config import Params, SplitParams
 from cammsr.data.splits import run_split
 from cammsr.train import experiments
-from cammsr.train.experiments import METRICS, RunResult, comparison_table, run_experiments, verdict
+from cammsr.train.experiments import METRICS, RunResult, comparison_table, feature_source, run_experiments, verdict
+from features.store import FeatureRows, write_rows
 
 
 def _result(variant, seed, ndcg):
@@ -68,3 +70,15 @@ def test_set_overrides_are_typed_and_checked():
     for bad, message in (("lr", "key=value"), ("lr_rate=1", "unknown train params"), ("dropout=2", "dropout")):
         with pytest.raises(ValueError, match=message):
             train_overrides([bad], TrainParams())
+
+
+def test_feature_source_names_the_encoder_the_imported_file_or_none(tiny_catalog):
+    params = Params(catalogs={"tiny": {"reviews": "file:r.json", "image_features": {
+        "file": "file:///x/features/Scientific.feat3CLS", "index": "file:///x/features/Scientific.item2index",
+        "provenance": "CLIP ViT-B/32"}}})
+    assert feature_source(params, "tiny", "text") == f"`{params.features.text.model}`"
+    assert feature_source(params, "tiny", "image") == "imported from `Scientific.feat3CLS` (CLIP ViT-B/32)"
+    write_rows(tiny_catalog.split_features("text"), FeatureRows([], [], np.zeros((0, 4), np.float32)))
+    assert feature_source(params, "tiny", "text", tiny_catalog) == "none (no item of the catalog has any)"
+    write_rows(tiny_catalog.split_features("text"), FeatureRows(["i1"], ["s"], np.ones((1, 4), np.float32)))
+    assert feature_source(params, "tiny", "text", tiny_catalog) == f"`{params.features.text.model}`"
