@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cammsr.core.config import PrecomputedFeatures
+from cammsr.core.digest import file_sha256
 from cammsr.core.paths import CatalogPaths
 from cammsr.core.summary import StageSummary
 from features.store import IDENTITY_KEY, FeatureRows, identity_json, read_rows, write_rows
@@ -59,14 +60,6 @@ class FeatureMatrix:
     @property
     def dim(self) -> int:
         return int(self.embeddings.shape[1])
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def detect_format(path: Path, index: Path | None) -> str:
@@ -204,8 +197,8 @@ def read_features(path: Path, index: Path | None, fmt: str = "auto") -> FeatureM
         bad = int(np.flatnonzero(~finite)[0])
         raise FeatureFileError(f"{path}: row {bad} (item {ids[bad]!r}) has NaN or inf values "
                                f"({int((~finite).sum())} such rows)")
-    return FeatureMatrix(ids, np.ascontiguousarray(emb, dtype=np.float32), fmt, sha256_of(path),
-                         sha256_of(index) if index is not None else None)
+    return FeatureMatrix(ids, np.ascontiguousarray(emb, dtype=np.float32), fmt, file_sha256(path),
+                         file_sha256(index) if index is not None else None)
 
 
 def import_features(name: str, modality: str, source: PrecomputedFeatures, paths: CatalogPaths,

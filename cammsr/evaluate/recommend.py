@@ -19,7 +19,6 @@ the schema metadata holds the model's identity and the checkpoint's sha256.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import resource
@@ -37,6 +36,7 @@ from tqdm import tqdm
 from cammsr.core.atomic import atomic_path
 from cammsr.core.config import RecommendParams
 from cammsr.core.device import pick_device
+from cammsr.core.digest import file_sha256
 from cammsr.core.malloc import tune_glibc_malloc
 from cammsr.core.paths import CatalogPaths
 from cammsr.core.summary import StageSummary
@@ -104,14 +104,6 @@ def read_user_list(path: Path) -> list[str]:
         ids = [line.strip() for line in path.read_text().splitlines()]
         ids = [u for u in ids if u and not u.startswith("#")]
     return list(dict.fromkeys(ids))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_finite(scores: torch.Tensor) -> None:

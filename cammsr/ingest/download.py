@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from cammsr.core.atomic import write_json_atomic
 from cammsr.core.config import IngestParams
+from cammsr.core.digest import file_sha256
 from cammsr.core.paths import raw_name
 
 log = logging.getLogger(__name__)
@@ -207,14 +208,6 @@ def resolve_reference(base: str, ref: str | None) -> str | None:
     if ref.startswith("/"):
         return prefix + ref
     return prefix + posixpath.normpath(posixpath.join(posixpath.dirname(parts.path), ref))
-
-
-def sha256_file(path: Path) -> str:
-    hasher = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(CHUNK_BYTES), b""):
-            hasher.update(chunk)
-    return hasher.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ manifest
@@ -438,7 +431,7 @@ def _fetch_local(src: Path, url: str, dest: Path, previous: ManifestEntry | None
     if previous and previous.url == url and dest.is_file() and dest.stat().st_size == previous.bytes:
         if (previous.source_size, previous.source_mtime_ns) == (stat.st_size, stat.st_mtime_ns):
             return FetchResult(dest.name, dest, previous, changed=False, bytes_transferred=0)
-        if stat.st_size == previous.bytes and sha256_file(src) == previous.sha256:  # touched, not changed
+        if stat.st_size == previous.bytes and file_sha256(src) == previous.sha256:  # touched, not changed
             entry = ManifestEntry(**{**asdict(previous), "source_mtime_ns": stat.st_mtime_ns})
             return FetchResult(dest.name, dest, entry, changed=False, bytes_transferred=0)
     part = dest.with_name(dest.name + ".part")

@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from cammsr.core.atomic import write_bytes_atomic
 from cammsr.core.config import IngestParams
+from cammsr.core.digest import file_sha256
 from cammsr.core.errors import is_storage_error, storage_error
 from cammsr.ingest.download import (
     DownloadError,
@@ -50,7 +51,6 @@ from cammsr.ingest.download import (
     fetch_bytes,
     local_path,
     make_client,
-    sha256_file,
 )
 
 log = logging.getLogger(__name__)
@@ -180,7 +180,7 @@ def _reusable(prev: ImageRow | None, url: str, catalog_root: Path) -> bool:
     if stored.stem != hashlib.sha256(url.encode()).hexdigest():  # the URL changed
         return False
     file = catalog_root / stored
-    return file.is_file() and sha256_file(file) == prev.sha256
+    return file.is_file() and file_sha256(file) == prev.sha256
 
 
 class _Fetcher:
