@@ -78,6 +78,18 @@ def test_grow_state_appends_zero_id_rows_and_new_categories():
     assert grown["item_category"][-2:].tolist() == [2, -1]
 
 
+def test_grow_state_appends_category_paths_of_new_items_dropping_unseen_tokens():
+    # a checkpoint trained with the multi-hot loss over T=3 tokens, paths padded to width 2
+    state = {"item_category": torch.tensor([-1, 0, 1]), "item_path": torch.tensor([[-1, -1], [0, 1], [2, -1]])}
+    cats = np.array([-1, 0, 1, 1, 0])
+    paths = np.array([[-1, -1, -1], [0, 1, -1], [2, -1, -1], [1, 4, 2], [3, 0, -1]])  # token 3, 4: new since
+    grown = grow_state(state, cats, paths, num_path_tokens=3)
+    assert grown["item_path"].tolist() == [[-1, -1], [0, 1], [2, -1], [1, -1], [-1, 0]]
+    assert grown["item_category"].tolist() == [-1, 0, 1, 1, 0]
+    with pytest.raises(ValueError, match="category path tokens"):
+        grow_state(state, cats, None, num_path_tokens=3)
+
+
 @pytest.fixture
 def served(tiny_catalog):
     """A checkpoint of a model trained on the tiny split, and a split with two items appended after it."""
