@@ -78,11 +78,11 @@ def rank_targets_by_protocol(score_fn: ScoreFn, histories: Sequence[np.ndarray],
         seq = pad_right([histories[i] for i in idx]).to(device)  # [B, L]
         tgt = torch.from_numpy(targets[idx]).to(device)  # [B]
         if exact is not None:
-            h = _by_length(score_fn.users, histories, idx, lengths, device)  # [B, D]
+            h = score_by_length(score_fn.users, histories, idx, lengths, device)  # [B, D]
             for mask, r in exact.ranks(h, tgt, seq, tuple(masks)).items():
                 ranks[mask][idx] = r.cpu().numpy()
             continue
-        scores = _by_length(score_fn, histories, idx, lengths, device).float()  # [B, N+1]
+        scores = score_by_length(score_fn, histories, idx, lengths, device).float()  # [B, N+1]
         scores[:, 0] = float("-inf")
         for mask in sorted(masks):  # unmasked first: masking writes into the scores
             if mask:
@@ -93,8 +93,8 @@ def rank_targets_by_protocol(score_fn: ScoreFn, histories: Sequence[np.ndarray],
     return ranks
 
 
-def _by_length(fn: ScoreFn, histories: Sequence[np.ndarray], idx: np.ndarray, lengths: np.ndarray,
-               device: torch.device | str) -> torch.Tensor:
+def score_by_length(fn: ScoreFn, histories: Sequence[np.ndarray], idx: np.ndarray, lengths: np.ndarray,
+                    device: torch.device | str) -> torch.Tensor:
     """``fn`` over the users ``idx`` (length-sorted) in runs of similar length, concatenated in order.
 
     One batch of 1024 users spans lengths 15 to 50 at the long end of a catalog: padding them all to 50

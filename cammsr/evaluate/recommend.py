@@ -43,7 +43,8 @@ from cammsr.core.summary import StageSummary
 from cammsr.data.batches import pad_right
 from cammsr.data.splits import SplitData, load_splits
 from cammsr.evaluate.metrics import NonFiniteScoresError
-from cammsr.evaluate.ranking import model_scores
+from cammsr.evaluate.ranking import model_scores, score_by_length
+from cammsr.evaluate.top_k import top_k
 from cammsr.model.io import load_checkpoint, whole_stores
 from features.store import read_rows
 
@@ -116,15 +117,6 @@ def check_finite(scores: torch.Tensor) -> None:
     if bad.any():
         rows = bad.nonzero().squeeze(1)[:5].tolist()
         raise NonFiniteScoresError(f"NaN or +inf scores for batch rows {rows}: recommendation stopped")
-
-
-def top_k(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best columns of each row of ``scores`` [B, N+1] (excluded items at -inf): scores [B, k] and
-    columns [B, k], best first, equal scores by lower column (item index)."""
-    values, cols = scores.topk(min(k, scores.shape[1]), dim=1, sorted=False)  # [B, k]; ordered below
-    values, cols = values.cpu().numpy(), cols.cpu().numpy()
-    order = np.lexsort((cols, -values), axis=1)  # ties: lower item index first
-    return np.take_along_axis(values, order, 1), np.take_along_axis(cols, order, 1)
 
 
 def batch_table(user_ids: pa.Array, item_ids: pa.Array, users: np.ndarray, values: np.ndarray, cols: np.ndarray
@@ -201,8 +193,10 @@ def run_recommend(name: str, params: RecommendParams, paths: CatalogPaths, devic
         for start in tqdm(batches, desc=f"recommend [{name}]", unit="batch", mininterval=1.0, disable=None):
             t = time.perf_counter()
             batch = rows[start:start + params.batch_size]
-            seq = pad_right([split.sequences[u][-max_len:] for u in batch]).to(dev)  # [B, L]
-            scores = scorer(seq, torch.from_numpy(lengths_of(split, batch, max_len)).to(dev)).float()  # [B, N+1]
+            histories = [split.sequences[u][-max_len:] for u in batch]
+            # in runs of similar length, as evaluation ranks (less padding than one [B, max L] batch)
+            scores = score_by_length(scorer, histories, np.arange(len(batch)), lengths_of(split, batch, max_len),
+                                     dev).float()  # [B, N+1]
             check_finite(scores)
             t, clock["score"] = time.perf_counter(), clock["score"] + time.perf_counter() - t
             scores[:, 0] = float("-inf")

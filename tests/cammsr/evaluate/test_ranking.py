@@ -9,10 +9,10 @@ from cammsr.evaluate.ranking import (
     MIN_GROUP,
     PADDING_SLACK,
     FactoredScores,
-    _by_length,
     model_scores,
     rank_targets,
     rank_targets_by_protocol,
+    score_by_length,
 )
 
 
@@ -84,7 +84,7 @@ def test_by_length_runs_keep_the_input_order():
         runs.append((seq.shape, lens.clone()))
         return torch.stack([seq[:, 0], lens, seq.shape[1] * torch.ones_like(lens)], 1)  # [b, 3]
 
-    out = _by_length(fn, histories, idx, lengths, "cpu")
+    out = score_by_length(fn, histories, idx, lengths, "cpu")
     assert out[:, 0].tolist() == [int(histories[i][0]) for i in idx]  # each row is its user's, in order
     assert out[:, 1].tolist() == lengths[idx].tolist()
     assert len(runs) > 1 and all(shape[0] >= MIN_GROUP for shape, _ in runs[:-1])  # several runs, none tiny
