@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 import cammsr.model.cammsr as model_mod
 from cammsr.core.config import load_params
+from cammsr.core.device import resolve_precision
 from cammsr.core.malloc import tune_glibc_malloc
 from cammsr.core.paths import CatalogPaths
 from cammsr.data.batches import bucketed_batches, pad_right, training_pairs
@@ -58,6 +59,8 @@ def main() -> None:
     ap.add_argument("--no-profiler", action="store_true", help="only the plain wall times")
     ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned")
     ap.add_argument("--ce", choices=["chunked", "dense"], default="chunked")
+    ap.add_argument("--ce-precision", choices=["float32", "bfloat16"], default=None,
+                    help="dtype of the chunked CE's matmuls (default: as train.ce_precision resolves here)")
     args = ap.parse_args()
     if args.malloc == "tuned":
         tune_glibc_malloc()
@@ -71,6 +74,7 @@ def main() -> None:
     split = load_splits(paths.splits_dir)
     train = p.train.model_copy(update={"model": args.model})
     model = build_model(train, p.splits, split, paths, seed=0)
+    model.ce_dtype = resolve_precision(args.ce_precision or train.ce_precision, torch.device("cpu"), auto_on=("cpu",))
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, fused=True)  # as cammsr.train.trainer.run_train
     inputs, targets = training_pairs(split.train_sequences(), p.splits.max_seq_len)
     lengths = np.array([len(s) for s in inputs])
@@ -90,7 +94,8 @@ def main() -> None:
     rank_targets(model.score_last, hist, tgts, args.eval_batch)
     eval_s = time.perf_counter() - t0
     n_targets = int(sum(lengths[i].sum() for i in batches))
-    print(f"{args.model} malloc={args.malloc} ce={args.ce}: {len(batches)} steps, {n_targets} targets in "
+    print(f"{args.model} malloc={args.malloc} ce={args.ce} ce_precision={model.ce_dtype}: {len(batches)} steps, "
+          f"{n_targets} targets in "
           f"{train_s:.2f} s wall, {train_cpu:.2f} s CPU of which {ru1.ru_stime - ru0.ru_stime:.2f} s kernel, "
           f"{ru1.ru_minflt - ru0.ru_minflt} page faults ({n_targets / train_s:.0f} targets/s); eval {len(tgts)} "
           f"users in {eval_s:.2f} s ({len(tgts) / eval_s:.0f} users/s); "

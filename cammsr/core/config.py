@@ -207,6 +207,9 @@ class TrainParams(Section):
     precision: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto", description="autocast dtype of the training forward; auto = bfloat16 on CUDA with "
         "bfloat16 matmuls, else float32 (bfloat16 on a CPU is opt-in: same accuracy, slower CAMMSR epochs measured)")
+    ce_precision: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="dtype of the next-item CE's matmuls on a CPU (float32 weights and softmax "
+        "accumulation); auto = bfloat16 on a CPU with bfloat16 matmul units (AMX/AVX512-BF16), else float32")
     fast_dropout: bool = Field(default=True, description="dropout masks from 31-bit random integers (same law, "
                                "5x cheaper on CPU than bernoulli_)")
     id_dropout: float = Field(default=0.0, ge=0, lt=1, description="fraction of item IDs replaced by the "

@@ -309,6 +309,9 @@ class CAMMSR(nn.Module):
             self.missing["id"] = nn.Parameter(torch.zeros(d))  # [d]
             self.register_buffer("id_unknown", torch.zeros(n, dtype=torch.bool), persistent=False)  # [N+1]
         self._id_dropped: torch.Tensor | None = None  # [N+1] this training step's dropped IDs (`drop_ids`)
+        # dtype of the next-item CE's matmuls (`chunked_softmax_ce`); None = that of the autocast around `loss`.
+        # A training choice (the trainer sets it), not part of the config: it does not change the model.
+        self.ce_dtype: torch.dtype | None = None
 
     @staticmethod
     def _init(module: nn.Module) -> None:
@@ -603,7 +606,8 @@ class CAMMSR(nn.Module):
         # CE over the real items only (table rows 1..N, targets shifted by one): the same loss as
         # `scores` with the padding column at -inf, computed a block of targets at a time so that the
         # [P, N] score matrix is never held whole (see chunked_ce.py).
-        ce = chunked_softmax_ce(h, self.score_table(tables)[1:], targets[pos] - 1)  # summed over P targets
+        ce = chunked_softmax_ce(h, self.score_table(tables)[1:], targets[pos] - 1,
+                                compute_dtype=self.ce_dtype)  # summed over P targets
         loss_rec = ce / (normalizer if normalizer is not None else max(int(pos.sum()), 1))
         parts = {"rec": loss_rec.detach()}
         loss = loss_rec

@@ -25,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 CHUNK_ROWS = 2048  # targets per block: one block of [2048, N] floats; smaller blocks measured slower on CPU
+# bfloat16 blocks are padded to a multiple of this many rows: oneDNN builds a kernel per matmul shape and
+# keeps 1,024; one per distinct target count (hundreds in an epoch, x 3 matmuls) would keep rebuilding them
+ROW_QUANTUM = 32
 
 
 class _ChunkedSoftmaxCE(torch.autograd.Function):
@@ -45,17 +48,24 @@ def _forward(ctx, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, c
              compute_dtype: torch.dtype) -> torch.Tensor:
     low = compute_dtype != torch.float32
     hx, tx = h.to(compute_dtype), table.to(compute_dtype)  # [P, d], [N, d] (no copy in float32)
+    P = len(h)
+    if low and h.device.type == "cpu" and P % ROW_QUANTUM:  # zero rows to a whole quantum, left out below
+        pad = ROW_QUANTUM - P % ROW_QUANTUM
+        hx = torch.cat([hx, hx.new_zeros(pad, hx.shape[1])])
+        targets = torch.cat([targets, targets.new_zeros(pad)])
     loss = h.new_zeros((), dtype=torch.float32)
     need_h, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_h = torch.empty_like(h) if need_h else None
     grad_table_t = None  # [d, N]: h.T @ grad writes it contiguously (grad.T @ h into [N, d] measured 2.5x slower)
-    rows = torch.arange(min(chunk, len(h)), device=h.device)
-    for start in range(0, len(h), chunk):
+    rows = torch.arange(min(chunk, len(hx)), device=h.device)
+    for start in range(0, len(hx), chunk):
         hc, tc = hx[start : start + chunk], targets[start : start + chunk]  # [c, d], [c]
+        real = min(len(tc), P - start)  # rows beyond P are padding
         logits = hc @ tx.T  # [c, N]
         if low:  # probabilities straight from the bfloat16 scores (the kernel works in float32)
             grad = torch.softmax(logits, dim=1)  # [c, N]
-            loss -= grad.gather(1, tc[:, None]).float().clamp_(min=torch.finfo(torch.float32).tiny).log_().sum()
+            p_target = grad[:real].gather(1, tc[:real, None]).float()
+            loss -= p_target.clamp_(min=torch.finfo(torch.float32).tiny).log_().sum()
         else:
             logp = torch.log_softmax(logits, dim=1)  # [c, N] one row-wise pass, in cache
             loss -= logp.gather(1, tc[:, None]).sum()
@@ -63,8 +73,9 @@ def _forward(ctx, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, c
         if not (need_h or need_table):
             continue
         grad[rows[: len(tc)], tc] -= 1.0  # d CE / d logits = softmax - one-hot
+        grad[real:] = 0  # padding rows: no gradient
         if need_h:
-            grad_h[start : start + chunk] = grad @ tx  # [c, d]
+            grad_h[start : start + real] = (grad @ tx)[:real]  # [c, d]
         if need_table:
             part = hc.T @ grad  # [d, N]
             grad_table_t = part.float() if grad_table_t is None else grad_table_t.add_(part)

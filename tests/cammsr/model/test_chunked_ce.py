@@ -73,3 +73,17 @@ def test_cpu_autocast_picks_bfloat16_and_plain_calls_float32():
                                                                           compute_dtype=torch.float32), strict=True))
     with pytest.raises(ValueError, match="compute_dtype"):
         chunked_softmax_ce(h, table, targets, compute_dtype=torch.float16)
+
+
+def test_bfloat16_blocks_padded_to_a_row_quantum_leave_the_result_unchanged(monkeypatch):
+    import cammsr.model.chunked_ce as chunked_ce
+
+    g = torch.Generator().manual_seed(2)
+    h, table = torch.randn(45, 32, generator=g) * 0.3, torch.randn(500, 32, generator=g) * 0.3
+    targets = torch.randint(0, 500, (45,), generator=g)
+    padded = _loss_and_grads(h, table, targets, chunk=40, compute_dtype=torch.bfloat16)  # 45 -> 64 rows
+    monkeypatch.setattr(chunked_ce, "ROW_QUANTUM", 1)
+    plain = _loss_and_grads(h, table, targets, chunk=40, compute_dtype=torch.bfloat16)
+    assert padded[1].shape == (45, 32)
+    assert torch.allclose(padded[0], plain[0], rtol=1e-5)  # no -log(1/N) of a padding row in the sum
+    assert _rel(padded[1], plain[1]) < 1e-3 and _rel(padded[2], plain[2]) < 1e-3
