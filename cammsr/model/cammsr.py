@@ -166,6 +166,7 @@ class FrozenFeatures(nn.Module):
         self.register_buffer("features", features.float(), persistent=False)  # [N+1, D_m]
         self.register_buffer("present", present.bool(), persistent=False)  # [N+1]
         self._converted: tuple[tuple, torch.Tensor] | None = None
+        self._projected: tuple[tuple, torch.Tensor] | None = None
 
     def features_for_matmul(self) -> torch.Tensor:
         """The features in the dtype autocast gives a Linear here (float32 without autocast), converted once
@@ -178,6 +179,18 @@ class FrozenFeatures(nn.Module):
         if self._converted is None or self._converted[0] != key:
             self._converted = (key, self.features.to(dtype))
         return self._converted[1]  # [N+1, D_m]
+
+    def projected(self, basis: torch.Tensor) -> torch.Tensor:
+        """The features times ``basis.T`` ([d, D_m] fixed directions): [N+1, d], in `features_for_matmul`'s
+        dtype, computed once and kept while neither tensor changes (their in-place version counters and
+        storage are part of the key, so loading weights into ``basis`` recomputes it). Not differentiable:
+        both are buffers."""
+        feats = self.features_for_matmul()
+        key = (feats.data_ptr(), feats._version, feats.dtype, basis.data_ptr(), basis._version, basis.device)
+        if self._projected is None or self._projected[0] != key:
+            with torch.no_grad():
+                self._projected = (key, feats @ basis.T.to(feats.dtype))
+        return self._projected[1]  # [N+1, d]
 
 
 class Block(nn.Module):
@@ -372,7 +385,7 @@ class CAMMSR(nn.Module):
         learned missing vector.
         """
         f = self.frozen[m]
-        proj = f.features_for_matmul() @ f.score_basis.T  # [N+1, d]; bfloat16 under autocast
+        proj = f.projected(f.score_basis)  # [N+1, d]; bfloat16 under autocast; fixed, so computed once
         return torch.where(f.present[:, None], proj, self.missing[m])  # [N+1, d]
 
     # ---- 2. CAMoE and the category-guided modality weights -------------------------------------

@@ -153,3 +153,8 @@ def test_frozen_content_table_scores_items_by_their_fixed_feature_projection():
     loss.backward()
     assert basis.grad is None and not basis.requires_grad  # not trained
     assert "frozen.text.score_basis" in model.state_dict()  # saved: the trained queries depend on it
+    # the projection is computed once and kept, but a basis loaded in place (a checkpoint) is seen
+    assert model.frozen["text"].projected(basis) is model.frozen["text"].projected(basis)
+    with torch.no_grad():
+        basis.mul_(2.0)
+    assert torch.allclose(model.score_table()[1:, D:2 * D], 2 * (feats[1:] @ (basis / 2).T), atol=1e-6)
