@@ -44,7 +44,6 @@ from cammsr.data.batches import pad_right
 from cammsr.data.splits import SplitData, load_splits
 from cammsr.evaluate.metrics import NonFiniteScoresError
 from cammsr.evaluate.ranking import model_scores, score_by_length
-from cammsr.evaluate.top_k import top_k
 from cammsr.model.io import load_checkpoint, whole_stores
 from features.store import read_rows
 
@@ -117,6 +116,15 @@ def check_finite(scores: torch.Tensor) -> None:
     if bad.any():
         rows = bad.nonzero().squeeze(1)[:5].tolist()
         raise NonFiniteScoresError(f"NaN or +inf scores for batch rows {rows}: recommendation stopped")
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best columns of each row of ``scores`` [B, N+1] (excluded items at -inf): scores [B, k] and
+    columns [B, k], best first, equal scores by lower column (item index)."""
+    values, cols = scores.topk(min(k, scores.shape[1]), dim=1, sorted=False)  # [B, k]; ordered below
+    values, cols = values.cpu().numpy(), cols.cpu().numpy()
+    order = np.lexsort((cols, -values), axis=1)  # ties: lower item index first
+    return np.take_along_axis(values, order, 1), np.take_along_axis(cols, order, 1)
 
 
 def batch_table(user_ids: pa.Array, item_ids: pa.Array, users: np.ndarray, values: np.ndarray, cols: np.ndarray
