@@ -13,7 +13,8 @@ from cammsr.data.splits import run_split
 from cammsr.train.trainer import run_train
 
 TRAIN = dict(model="sasrec", hidden_size=16, num_layers=1, num_heads=1, ffn_size=32, dropout=0.0, lr=5e-3,
-             batch_size=32, epochs=2, patience=10, num_threads=1, precision="float32")  # exact comparison
+             batch_size=32, epochs=2, patience=10, num_threads=1, precision="float32",
+             ce_precision="float32")  # exact comparison: no bfloat16 anywhere (each rank's CE blocks differ)
 
 
 def _free_port() -> int:
