@@ -56,6 +56,8 @@ SCHEMA = pa.schema([
     pa.field("score", pa.float32(), nullable=False),
 ])
 MAX_LISTED_UNKNOWN = 100  # unknown user ids listed in the summary; the rest are counted
+GROUP = 32  # columns per group in the grouped top-k (`top_k_columns`; 16 and 128 measured slower)
+SCORE_ROWS = 256  # users per score matmul: each [256, N+1] block is selected from while it is in cache
 
 
 @dataclass
@@ -111,17 +113,53 @@ def check_finite(scores: torch.Tensor) -> None:
 
     One pass: a row max (NaN propagates through it, as in `cammsr.evaluate.metrics.target_ranks`).
     """
-    row_max = scores.amax(dim=1)  # [B]
+    _check_row_max(scores.amax(dim=1))
+
+
+def _check_row_max(row_max: torch.Tensor) -> None:
     bad = torch.isnan(row_max) | torch.isposinf(row_max)
     if bad.any():
         rows = bad.nonzero().squeeze(1)[:5].tolist()
         raise NonFiniteScoresError(f"NaN or +inf scores for batch rows {rows}: recommendation stopped")
 
 
+def top_k_columns(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``k`` best entries of each row of ``scores`` [B, N]: values [B, k], columns [B, k] (in no order) and
+    the row maxima [B] (NaN where a row holds one).
+
+    Grouped, exact: the columns are cut into groups of GROUP, and each row's k best entries lie in its k groups
+    with the highest maxima (an entry outside them has k group maxima, k distinct entries, at least as high).
+    One vectorised max over groups, a top-k over the group maxima and one over the k x GROUP entries of the
+    chosen groups: ~1.6x faster than a top-k over all N columns. With ties at the k-th value, which of the
+    tied entries is returned is arbitrary, as with `torch.topk`; the values are exactly the k best.
+    """
+    B, N = scores.shape
+    M = N // GROUP * GROUP  # columns in whole groups; the rest are always candidates
+    n_groups = M // GROUP
+    if n_groups <= 2 * k:  # few groups: nothing to gain
+        values, cols = scores.topk(min(k, N), dim=1, sorted=False)
+        return values, cols, scores.amax(dim=1)
+    group_max = scores[:, :M].view(B, n_groups, GROUP).amax(dim=2)  # [B, G]
+    row_max = group_max.amax(dim=1)
+    if M < N:
+        row_max = torch.maximum(row_max, scores[:, M:].amax(dim=1))  # NaN propagates
+    groups = group_max.topk(k, dim=1, sorted=False).indices  # [B, k]
+    cols = (groups[:, :, None] * GROUP + torch.arange(GROUP, device=scores.device)).view(B, -1)  # [B, k*GROUP]
+    if M < N:
+        cols = torch.cat([cols, torch.arange(M, N, device=scores.device).expand(B, -1)], dim=1)
+    values, pick = scores.gather(1, cols).topk(k, dim=1, sorted=False)  # [B, k]
+    return values, cols.gather(1, pick), row_max
+
+
 def top_k(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best columns of each row of ``scores`` [B, N+1] (excluded items at -inf): scores [B, k] and
-    columns [B, k], best first, equal scores by lower column (item index)."""
-    values, cols = scores.topk(min(k, scores.shape[1]), dim=1, sorted=False)  # [B, k]; ordered below
+    columns [B, k], best first, equal scores by lower column (item index).
+
+    Raises:
+        NonFiniteScoresError: a row holds NaN or +inf (-inf is allowed: padding and excluded items).
+    """
+    values, cols, row_max = top_k_columns(scores, min(k, scores.shape[1]))
+    _check_row_max(row_max)
     values, cols = values.cpu().numpy(), cols.cpu().numpy()
     order = np.lexsort((cols, -values), axis=1)  # ties: lower item index first
     return np.take_along_axis(values, order, 1), np.take_along_axis(cols, order, 1)
@@ -171,6 +209,7 @@ def run_recommend(name: str, params: RecommendParams, paths: CatalogPaths, devic
     model.to(dev).eval()
     # as in evaluation: the item table projected once for the whole pass, float32 scores (they are written)
     scorer = model_scores(model)
+    items = scorer.items.to(dev)  # [N+1, D]
 
     if users is None:
         rows, unknown = np.arange(len(split.user_ids)), []
@@ -202,16 +241,23 @@ def run_recommend(name: str, params: RecommendParams, paths: CatalogPaths, devic
             t = time.perf_counter()
             batch = rows[start:start + params.batch_size]
             histories = [split.sequences[u][-max_len:] for u in batch]
-            # in runs of similar length, as evaluation ranks (less padding than one [B, max L] batch)
-            scores = score_by_length(scorer, histories, np.arange(len(batch)), lengths_of(split, batch, max_len),
-                                     dev).float()  # [B, N+1]
-            check_finite(scores)
-            t, clock["score"] = time.perf_counter(), clock["score"] + time.perf_counter() - t
-            scores[:, 0] = float("-inf")
-            if params.exclude_seen:  # the whole sequence, not only the last max_len items
-                scores.scatter_(1, pad_right([split.sequences[u] for u in batch]).to(dev), float("-inf"))
-            values, cols = top_k(scores, k)
-            t, clock["select"] = time.perf_counter(), clock["select"] + time.perf_counter() - t
+            # user vectors in runs of similar length, as evaluation ranks (less padding than one [B, max L] batch)
+            h = score_by_length(scorer.users, histories, np.arange(len(batch)), lengths_of(split, batch, max_len),
+                                dev).float()  # [B, D]
+            clock["score"] += time.perf_counter() - t
+            parts = []
+            for sub in range(0, len(batch), SCORE_ROWS):  # a block's scores are selected from while in cache
+                t = time.perf_counter()
+                scores = h[sub:sub + SCORE_ROWS] @ items.T  # [b, N+1]
+                t, clock["score"] = time.perf_counter(), clock["score"] + time.perf_counter() - t
+                scores[:, 0] = float("-inf")
+                if params.exclude_seen:  # the whole sequence, not only the last max_len items
+                    seen = pad_right([split.sequences[u] for u in batch[sub:sub + SCORE_ROWS]]).to(dev)
+                    scores.scatter_(1, seen, float("-inf"))
+                parts.append(top_k(scores, k))
+                clock["select"] += time.perf_counter() - t
+            t = time.perf_counter()
+            values, cols = (np.concatenate([p[i] for p in parts]) for i in (0, 1))
             table = batch_table(user_ids, item_ids, batch, values, cols)
             writer.write_table(table)
             written += table.num_rows

@@ -244,3 +244,37 @@ def test_a_nan_score_stops_recommendation():
         broken[1, 3] = bad
         with pytest.raises(NonFiniteScoresError, match=r"batch rows \[1\]"):
             check_finite(broken)
+
+
+@pytest.mark.parametrize("n", [40, 2048, 2070])  # the plain top-k; whole groups; groups and a remainder
+def test_grouped_top_k_returns_exactly_the_k_best_values(n):
+    from cammsr.evaluate.recommend import GROUP, top_k, top_k_columns
+
+    gen = torch.Generator().manual_seed(n)
+    scores = torch.randint(0, 50, (64, n), generator=gen).float()  # many ties, also at the k-th value
+    scores[:, 0] = float("-inf")
+    scores[:3, : n - 5] = float("-inf")  # rows with fewer than k finite entries
+    scores[5] = scores[5].clamp(max=0.0)
+    scores[6, n - 1] = 1e6  # the best entry outside the whole groups
+    scores[7, : GROUP * 3] = 1e5  # the best entries all in few groups
+    for k in (1, 7, 20):
+        values, cols, row_max = top_k_columns(scores, k)
+        expected = scores.sort(dim=1, descending=True).values[:, :k]
+        assert torch.equal(values.sort(dim=1, descending=True).values, expected)
+        assert torch.equal(scores.gather(1, cols), values)  # the columns hold those values
+        assert all(len(set(row)) == k for row in cols.tolist())  # each column once
+        assert torch.equal(row_max, scores.amax(dim=1))
+        v, c = top_k(scores, k)  # best first, ties by lower column
+        for row in range(len(scores)):
+            finite = scores[row].isfinite()
+            ranked = sorted(((-float(x), j) for j, x in enumerate(scores[row].tolist()) if finite[j]))[:k]
+            kth = -ranked[-1][0]  # at the k-th value itself, which tied column is kept is arbitrary
+            got = [(-float(x), int(j)) for x, j in zip(v[row], c[row], strict=True) if np.isfinite(x)]
+            assert [x for x in got if -x[0] > kth] == [x for x in ranked if -x[0] > kth]
+            assert [x[0] for x in got] == [x[0] for x in ranked]
+    broken = scores.clone()
+    broken[9, n - 1] = float("nan")  # in the remainder columns (or a group when n is a multiple)
+    from cammsr.evaluate.metrics import NonFiniteScoresError
+
+    with pytest.raises(NonFiniteScoresError, match=r"batch rows \[9\]"):
+        top_k(broken, 5)
