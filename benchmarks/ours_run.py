@@ -24,11 +24,12 @@ import torch
 
 import cammsr.train.trainer as train_mod
 from cammsr.core.config import load_params
+from cammsr.core.device import resolve_precision
 from cammsr.core.paths import CatalogPaths
 from cammsr.data.batches import bucketed_batches, training_pairs
 from cammsr.data.splits import load_splits
 from cammsr.evaluate.metrics import metrics_from_ranks
-from cammsr.evaluate.ranking import rank_targets
+from cammsr.evaluate.ranking import model_scores, rank_targets
 from cammsr.model.io import load_checkpoint
 
 
@@ -83,9 +84,11 @@ def main() -> None:
     model.eval()
     hist, targets, _ = split.held_out("test", p.splits.max_seq_len)
     test = {}
+    # as the evaluate stage ranks: item tables once per pass, evaluate.precision (exact either way)
+    precision = resolve_precision(evaluate.precision, torch.device("cpu"), auto_on=("cpu",))
     for mask in (False, True):
         w0, c0 = time.perf_counter(), time.process_time()
-        ranks = rank_targets(model.score_last, hist, targets, evaluate.batch_size, mask)
+        ranks = rank_targets(model_scores(model), hist, targets, evaluate.batch_size, mask, precision=precision)
         m = metrics_from_ranks(ranks, [10])
         test["masked" if mask else "unmasked"] = {
             "ndcg@10": m["ndcg@10"], "hr@10": m["hr@10"], "mrr@10": m["mrr@10"],

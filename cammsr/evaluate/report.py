@@ -1,4 +1,4 @@
-"""Metrics tables: the model beside most-popular, for one catalog or all of them."""
+"""Metrics tables: the model beside the untrained baselines, for one catalog or all of them."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 
 from rich.table import Table
 
+from cammsr.evaluate.baselines import label
+
 METRIC_ORDER = ("hr", "ndcg", "mrr")
 
 
@@ -14,30 +16,40 @@ def _ordered_keys(part_metrics: dict) -> list[str]:
     return sorted(part_metrics, key=lambda k: (METRIC_ORDER.index(k.split("@")[0]), int(k.split("@")[1])))
 
 
+def _rankers(metrics: dict) -> list[str]:
+    """The ranker keys of a metrics.json, the model first (most-popular, then any content kNN)."""
+    return [k for k in metrics if isinstance(metrics[k], dict) and "test" in metrics[k]]
+
+
 def metrics_table(catalog: str, metrics_path: Path, part: str = "test") -> Table:
-    """A rich table, one row per metric (HR/NDCG/MRR @k), the model beside most-popular and the lift."""
+    """A rich table, one row per metric (HR/NDCG/MRR @k): the model, its lift over most-popular, and the
+    other untrained baselines (content kNN) where the catalog has them."""
     metrics = json.loads(Path(metrics_path).read_text())
     model_name = metrics.get("model_name", "model")
+    others = [r for r in _rankers(metrics) if r not in ("model", "popularity")]
     table = Table(title=f"{catalog}: {part}, {metrics['users']} users x {metrics['items']} items, full ranking, "
                         f"history {'masked' if metrics.get('mask_history') else 'not masked'}")
     table.add_column("metric")
     table.add_column(model_name, justify="right")
     table.add_column("most-popular", justify="right")
     table.add_column("lift", justify="right")
+    for r in others:
+        table.add_column(label(r, model_name), justify="right")
     for k in _ordered_keys(metrics["model"][part]):
         m, p = metrics["model"][part][k], metrics["popularity"][part][k]
         lift = f"{m / p:.2f}x" if p > 0 else "-"
-        table.add_row(k.upper(), f"{m:.4f}", f"{p:.4f}", lift)
+        table.add_row(k.upper(), f"{m:.4f}", f"{p:.4f}", lift, *(f"{metrics[r][part][k]:.4f}" for r in others))
     return table
 
 
 def markdown_table(catalog: str, metrics_path: Path, part: str = "test") -> str:
-    """The same table as markdown (for Prefect artifacts and reports)."""
+    """The model and each baseline as markdown rows (for Prefect artifacts and reports)."""
     metrics = json.loads(Path(metrics_path).read_text())
     keys = _ordered_keys(metrics["model"][part])
     lines = [f"| {catalog} | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-    for ranker, label in (("model", metrics.get("model_name", "model")), ("popularity", "most-popular")):
-        lines.append(f"| {label} | " + " | ".join(f"{metrics[ranker][part][k]:.4f}" for k in keys) + " |")
+    for ranker in _rankers(metrics):
+        lines.append(f"| {label(ranker, metrics.get('model_name', 'model'))} | "
+                     + " | ".join(f"{metrics[ranker][part][k]:.4f}" for k in keys) + " |")
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""The evaluate stage: full-ranking test metrics of the trained model beside most-popular.
+"""The evaluate stage: full-ranking test metrics of the trained model beside untrained baselines (most-popular,
+and content kNN where the catalog has text or image features: `cammsr.evaluate.baselines`).
 
 Writes ``metrics.json`` (DVC metrics: valid and test, the test also under the other history-masking
 protocol, and test NDCG/HR@10 by the target's training popularity: head, torso, tail), ``eval/per_category.csv``
@@ -23,14 +24,17 @@ from cammsr.core.malloc import tune_glibc_malloc
 from cammsr.core.paths import CatalogPaths
 from cammsr.core.summary import StageSummary
 from cammsr.data.splits import SplitData, load_splits
+from cammsr.evaluate.baselines import baseline_rankers, best_fusion_beta, label, late_fusion, remembered
 from cammsr.evaluate.buckets import bucket_metrics, popularity_buckets, training_counts
 from cammsr.evaluate.metrics import metrics_from_ranks
-from cammsr.evaluate.ranking import model_scores, popularity_scorer, rank_targets_by_protocol
+from cammsr.evaluate.ranking import ScoreFn, model_scores, rank_targets, rank_targets_by_protocol
 from cammsr.model import CAMMSR
 from cammsr.model.io import load_checkpoint
 
 matplotlib.use("Agg")
 log = logging.getLogger(__name__)
+# what metrics.json holds; `cammsr experiments` re-evaluates a finished run whose metrics are older
+EVALUATION_VERSION = 2  # 2: content kNN baselines and the model's late fusion with them
 
 
 def per_category(split: SplitData, targets: np.ndarray, ranks: dict[str, np.ndarray], k: int = 10
@@ -85,36 +89,53 @@ def plot_weights(df: pl.DataFrame, path) -> None:
     plt.close(fig)
 
 
-def run_evaluate(name: str, split_params: SplitParams, params: EvaluateParams, project: ProjectParams,
-                 paths: CatalogPaths) -> StageSummary:
-    """Test (and valid) metrics for the best checkpoint and for most-popular on the same split."""
-    t0 = time.perf_counter()
-    tune_glibc_malloc()  # score matrices of every batch are reused, not page-faulted in again
-    device = pick_device(project.device)
-    split = load_splits(paths.splits_dir)
-    model, ckpt = load_checkpoint(paths.checkpoint, split, paths, map_location=device)
-    model.to(device).eval()
-    pop = popularity_scorer(split.train_sequences(), split.num_items)
-    precision = resolve_precision(params.precision, device, auto_on=("cpu",))  # ranks are exact either way
-    scorer = model_scores(model)
-    results: dict[str, dict[str, dict[str, float]]] = {"model": {}, "popularity": {}}
+def rank_parts(rankers: dict[str, ScoreFn], split: SplitData, split_params: SplitParams, params: EvaluateParams,
+               device: torch.device, precision: torch.dtype
+               ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, np.ndarray]]:
+    """Valid and test metrics of each ranker (``{ranker: {part: {metric: value}}}``; the test also under the
+    other history-masking protocol, as ``test_history_masked``/``_unmasked``) and its test ranks under the
+    configured protocol."""
+    results: dict[str, dict[str, dict[str, float]]] = {r: {} for r in rankers}
     test_ranks: dict[str, np.ndarray] = {}
     for part in ("valid", "test"):
         hist, targets, _ = split.held_out(part, split_params.max_seq_len)
         # test: both protocols from one scoring pass (the configured one is "test", the other beside it)
         masks = (params.mask_history,) if part == "valid" else (False, True)
-        for ranker, fn in (("model", scorer), ("popularity", pop)):
+        for ranker, fn in rankers.items():
             ranks = rank_targets_by_protocol(fn, hist, targets, params.batch_size, masks, device, precision)
             for mask, r in ranks.items():
                 key = part if mask == params.mask_history else f"{part}_history_{'masked' if mask else 'unmasked'}"
                 results[ranker][key] = {k: round(v, 6) for k, v in metrics_from_ranks(r, params.ks).items()}
             if part == "test":
                 test_ranks[ranker] = ranks[params.mask_history]
+    return results, test_ranks
+
+
+def run_evaluate(name: str, split_params: SplitParams, params: EvaluateParams, project: ProjectParams,
+                 paths: CatalogPaths) -> StageSummary:
+    """Test (and valid) metrics for the best checkpoint and for the untrained baselines on the same split."""
+    t0 = time.perf_counter()
+    tune_glibc_malloc()  # score matrices of every batch are reused, not page-faulted in again
+    device = pick_device(project.device)
+    split = load_splits(paths.splits_dir)
+    model, ckpt = load_checkpoint(paths.checkpoint, split, paths, map_location=device)
+    model.to(device).eval()
+    precision = resolve_precision(params.precision, device, auto_on=("cpu",))  # ranks are exact either way
+    # the model's user vectors are remembered: its late fusions (every weight tried) reuse them
+    rankers = {"model": remembered(model_scores(model)), **baseline_rankers(split, paths)}
+    betas = {}  # late fusion of the model with each content kNN, its weight picked on validation
+    hist, targets, _ = split.held_out("valid", split_params.max_seq_len)
+    for knn in [r for r in rankers if r.endswith("_knn")]:
+        betas[f"model+{knn}"], _ = best_fusion_beta(rankers["model"], rankers[knn], lambda fn: rank_targets(
+            fn, hist, targets, params.batch_size, params.mask_history, device, precision))
+        rankers[f"model+{knn}"] = late_fusion(rankers["model"], rankers[knn], betas[f"model+{knn}"])
+    results, test_ranks = rank_parts(rankers, split, split_params, params, device, precision)
     _, test_targets, _ = split.held_out("test", split_params.max_seq_len)
     labels = popularity_buckets(training_counts(split.train_sequences(), split.num_items))
     metrics = {**results, "by_target_popularity": bucket_metrics(test_ranks, test_targets, labels),
                "model_name": ckpt.get("model_name", "?"), "users": len(test_targets),
-               "items": split.num_items, "best_epoch": int(ckpt.get("epoch", -1)), "mask_history": params.mask_history}
+               "items": split.num_items, "best_epoch": int(ckpt.get("epoch", -1)), "mask_history": params.mask_history,
+               "fusion_beta": betas, "evaluation_version": EVALUATION_VERSION}
     write_json_atomic(paths.metrics, metrics)
 
     paths.eval_dir.mkdir(parents=True, exist_ok=True)
@@ -131,10 +152,15 @@ def run_evaluate(name: str, split_params: SplitParams, params: EvaluateParams, p
         per_cat = [f"{row['category']}: " + " ".join(f"{c[2:]} {row[c]:.2f}" for c in cols)
                    for row in weights.iter_rows(named=True)]
         notes.append("mean modality weights per category: " + "; ".join(per_cat))
+    model_name = str(ckpt.get("model_name", "model"))
     tail = metrics["by_target_popularity"]["tail"]
     if tail["users"]:
-        notes.append(f"tail targets (seen < 5 times in training, {tail['users']} users): NDCG@10 model "
-                     f"{tail['model']['ndcg@10']:.4f}, most-popular {tail['popularity']['ndcg@10']:.4f}")
+        notes.append(f"tail targets (seen < 5 times in training, {tail['users']} users): NDCG@10 "
+                     + ", ".join(f"{label(r, model_name)} {tail[r]['ndcg@10']:.4f}" for r in rankers))
+    for ranker in rankers:
+        if ranker.endswith("_knn"):
+            beta = f" (weight {betas[ranker]:g}, picked on validation)" if ranker in betas else ""
+            notes.append(f"{label(ranker, model_name)}{beta}: test NDCG@10 {results[ranker]['test']['ndcg@10']:.4f}")
     m, p = results["model"]["test"], results["popularity"]["test"]
     summary = StageSummary(
         stage="evaluate", catalog=name,

@@ -24,8 +24,12 @@ import yaml
 
 from cammsr.core.atomic import atomic_path, write_json_atomic
 from cammsr.core.config import Params, TrainParams
+from cammsr.core.device import pick_device, resolve_precision
 from cammsr.core.paths import CatalogPaths
-from cammsr.evaluate.stage import run_evaluate
+from cammsr.data.splits import load_splits
+from cammsr.evaluate.baselines import baseline_rankers, label
+from cammsr.evaluate.buckets import bucket_metrics, popularity_buckets, training_counts
+from cammsr.evaluate.stage import EVALUATION_VERSION, rank_parts, run_evaluate
 from cammsr.train.trainer import run_train
 
 log = logging.getLogger(__name__)
@@ -62,6 +66,7 @@ class RunResult:
     test_other: dict[str, float] = field(default_factory=dict)  # the test under the other masking protocol
     tail: dict[str, float] = field(default_factory=dict)  # test targets seen < 5 times in training
     tail_users: int = 0
+    fused: dict[str, float] = field(default_factory=dict)  # test NDCG@10 of model + content kNN, by kNN ranker
 
 
 def slug(name: str) -> str:
@@ -73,7 +78,8 @@ def run_variant(name: str, variant: str, seed: int, params: Params, paths: Catal
     """Train and evaluate one variant with one seed; results are cached in the run's metrics.json.
 
     The run folder is keyed by a hash of everything that shapes the result (train, splits, evaluate
-    and feature params), so a changed config never reuses a stale run.
+    and feature params), so a changed config never reuses a stale run. A finished run whose metrics an older
+    evaluate stage wrote (``evaluation_version``) is evaluated again from its checkpoint, not retrained.
     """
     train = params.train.model_copy(update={**VARIANTS[variant], **(overrides or {})})
     project = params.project.model_copy(update={"seed": seed})
@@ -85,6 +91,8 @@ def run_variant(name: str, variant: str, seed: int, params: Params, paths: Catal
         run_evaluate(name, params.splits, params.evaluate, project, run_paths)
         write_json_atomic(run_paths.out_root / "run.json", {"variant": variant, "seed": seed,
                                                             "train": train.model_dump(mode="json")})
+    elif json.loads(run_paths.metrics.read_text()).get("evaluation_version") != EVALUATION_VERSION:
+        run_evaluate(name, params.splits, params.evaluate, project, run_paths)
     metrics = json.loads(run_paths.metrics.read_text())
     tsum = json.loads(run_paths.summary("train").read_text())["counts"]
     model = metrics["model"]
@@ -92,7 +100,9 @@ def run_variant(name: str, variant: str, seed: int, params: Params, paths: Catal
     tail = metrics.get("by_target_popularity", {}).get("tail", {})
     return RunResult(variant, seed, model["test"], float(tsum["epoch_seconds"]), int(tsum["epochs_run"]),
                      valid=model.get("valid", {}), test_other=other, tail=tail.get("model", {}),
-                     tail_users=int(tail.get("users", 0)))
+                     tail_users=int(tail.get("users", 0)),
+                     fused={k.split("+", 1)[1]: v["test"]["ndcg@10"] for k, v in metrics.items()
+                            if k.startswith("model+") and isinstance(v, dict)})
 
 
 def _mean_std(values: list[float]) -> str:
@@ -104,8 +114,8 @@ def comparison_table(results: list[RunResult], reference: str = "CAMMSR", masked
     """Markdown: one row per variant, mean ± std over seeds, epoch time, relative NDCG@10 difference.
 
     Besides the test metrics (protocol of ``masked``): test NDCG@10 under the other history-masking
-    protocol, on the tail targets (seen < 5 times in training), and the validation NDCG@10 that selected
-    the epoch.
+    protocol, on the tail targets (seen < 5 times in training), the validation NDCG@10 that selected
+    the epoch, and the test NDCG@10 of the run's late fusion with each content kNN (weight on validation).
     """
     by_variant: dict[str, list[RunResult]] = {}
     for r in results:
@@ -113,13 +123,17 @@ def comparison_table(results: list[RunResult], reference: str = "CAMMSR", masked
     ref = by_variant.get(reference)
     ref_ndcg = float(np.mean([r.test["ndcg@10"] for r in ref])) if ref else None
     other = "NDCG@10 unmasked" if masked else "NDCG@10 masked"
+    fused = list(dict.fromkeys(k for r in results for k in r.fused))  # content kNN rankers fused with the runs
     header = ["variant", "seeds", *[m.upper() for m in METRICS], other, "tail NDCG@10", "valid NDCG@10",
-              "epoch s", "epochs", "NDCG@10 vs " + reference]
+              *[f"NDCG@10 + {label(k)}" for k in fused], "epoch s", "epochs", "NDCG@10 vs " + reference]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant, runs in by_variant.items():
         cells = [variant, str(len(runs)), *[_mean_std([r.test[m] for r in runs]) for m in METRICS]]
         for part in ("test_other", "tail", "valid"):
             vals = [getattr(r, part).get("ndcg@10") for r in runs]
+            cells.append(_mean_std(vals) if all(v is not None for v in vals) else "-")
+        for k in fused:
+            vals = [r.fused.get(k) for r in runs]
             cells.append(_mean_std(vals) if all(v is not None for v in vals) else "-")
         cells.append(f"{np.mean([r.epoch_seconds for r in runs]):.2f}")
         cells.append(f"{np.mean([r.epochs for r in runs]):.0f}")
@@ -162,6 +176,26 @@ def verdict(results: list[RunResult], model: str = "CAMMSR", baselines: tuple[st
         where = "beyond" if abs(diff) > noise else "within"
         lines.append(f"- {model} vs {base}: test NDCG@10 {ours[0]:.4f} vs {other[0]:.4f}, "
                      f"{100 * diff / other[0]:+.1f}% ({diff:+.4f}, {where} the sum of their stds {noise:.4f}).")
+    return lines
+
+
+def baseline_lines(params: Params, paths: CatalogPaths) -> list[str]:
+    """One line per untrained baseline on the catalog's split (the same protocol as the runs): test NDCG@10,
+    masked NDCG@10 and tail NDCG@10. Seed-free, so computed once, not per run."""
+    split = load_splits(paths.splits_dir)
+    device = pick_device(params.project.device)
+    precision = resolve_precision(params.evaluate.precision, device, auto_on=("cpu",))
+    rankers = baseline_rankers(split, paths)
+    results, test_ranks = rank_parts(rankers, split, params.splits, params.evaluate, device, precision)
+    _, targets, _ = split.held_out("test", params.splits.max_seq_len)
+    tail = bucket_metrics(test_ranks, targets, popularity_buckets(training_counts(split.train_sequences(),
+                                                                                   split.num_items)))["tail"]
+    other = next(k for k in results["popularity"] if k.startswith("test_history_"))
+    lines = []
+    for r in rankers:
+        tail_ndcg = f", tail {tail[r]['ndcg@10']:.4f}" if tail["users"] else ""
+        lines.append(f"- {label(r)}: test NDCG@10 {results[r]['test']['ndcg@10']:.4f}, "
+                     f"{other.rsplit('_', 1)[1]} {results[r][other]['ndcg@10']:.4f}{tail_ndcg}")
     return lines
 
 
@@ -216,6 +250,10 @@ def run_experiments(name: str, params: Params, paths: CatalogPaths, seeds: list[
         f"({time.perf_counter() - t0:.0f} s for the runs not already cached).", "",
         *verdict(results, baselines=tuple(v for v in variants if v.startswith("SASRec"))), "",
         table, "",
+        "Untrained baselines on the same split and protocol (no seed; `cammsr.evaluate.baselines`): "
+        "most-popular, and content nearest neighbours (items on their features' top principal directions, "
+        "scored by similarity to the user's last three items) where the catalog has text or image features.", "",
+        *baseline_lines(params, paths), "",
     ])
     with atomic_path(out, suffix=".md") as tmp:
         tmp.write_text(text)

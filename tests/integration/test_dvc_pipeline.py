@@ -53,7 +53,12 @@ def test_metrics_and_ingest_summary(dvc_project):
     names = {f"{m}@{k}" for m in ("hr", "ndcg", "mrr") for k in (5, 10, 20)}
     assert set(metrics["model"]["test"]) == names and metrics["users"] == len(split.sequences)
     assert metrics["popularity"]["test"] == pytest.approx(popularity_by_hand(split, (5, 10, 20)), abs=1e-6)
-    for ranker in ("model", "popularity"):  # what any ranking's metrics obey
+    rankers = ("model", "popularity", "text_knn", "image_knn", "model+text_knn", "model+image_knn")
+    assert all(r in metrics for r in rankers)  # the demo has text and images: content kNN and late fusion
+    for knn in ("text_knn", "image_knn"):  # the fusion weight is picked on validation, 0 (the model) included
+        assert metrics[f"model+{knn}"]["valid"]["ndcg@10"] >= metrics["model"]["valid"]["ndcg@10"]
+        assert metrics["fusion_beta"][f"model+{knn}"] >= 0
+    for ranker in rankers:  # what any ranking's metrics obey
         m = metrics[ranker]["test"]
         assert all(m[f"mrr@{k}"] <= m[f"ndcg@{k}"] <= m[f"hr@{k}"] <= 1 for k in (5, 10, 20)), (ranker, m)
         assert m["hr@5"] <= m["hr@10"] <= m["hr@20"], (ranker, m)

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -44,6 +46,12 @@ def test_run_experiments_smoke(tiny_catalog, tmp_path, monkeypatch):
     assert "| CAMMSR | 1 |" in text and "| SASRec | 1 |" in text and "--epochs 1" in text
     runs = sorted(p.parent for p in (tiny_catalog.root / "experiments").glob("*/seed0-*/metrics.json"))
     assert [p.parent.name for p in runs] == ["cammsr", "sasrec"]
+    # the untrained baselines, once per report, equal what each run's evaluate stage measured for them
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    for ranker, name in (("popularity", "most-popular"), ("text_knn", "text kNN (untrained)")):
+        if ranker in metrics:
+            assert f"- {name}: test NDCG@10 {metrics[ranker]['test']['ndcg@10']:.4f}, masked " in text
+    assert "- most-popular: test NDCG@10" in text
     mtimes = {p: p.stat().st_mtime_ns for run in runs for p in run.rglob("*") if p.is_file()}
 
     # a second call reuses the finished runs: nothing is trained or evaluated, no run file is rewritten
