@@ -67,6 +67,7 @@ class RunResult:
     tail: dict[str, float] = field(default_factory=dict)  # test targets seen < 5 times in training
     tail_users: int = 0
     fused: dict[str, float] = field(default_factory=dict)  # test NDCG@10 of model + content kNN, by kNN ranker
+    train_seconds: float = 0.0  # wall time of the run's training (when it ran, cached or not)
 
 
 def slug(name: str) -> str:
@@ -94,7 +95,8 @@ def run_variant(name: str, variant: str, seed: int, params: Params, paths: Catal
     elif json.loads(run_paths.metrics.read_text()).get("evaluation_version") != EVALUATION_VERSION:
         run_evaluate(name, params.splits, params.evaluate, project, run_paths)
     metrics = json.loads(run_paths.metrics.read_text())
-    tsum = json.loads(run_paths.summary("train").read_text())["counts"]
+    train_summary = json.loads(run_paths.summary("train").read_text())
+    tsum = train_summary["counts"]
     model = metrics["model"]
     other = next((v for k, v in model.items() if k.startswith("test_history_")), {})
     tail = metrics.get("by_target_popularity", {}).get("tail", {})
@@ -102,7 +104,8 @@ def run_variant(name: str, variant: str, seed: int, params: Params, paths: Catal
                      valid=model.get("valid", {}), test_other=other, tail=tail.get("model", {}),
                      tail_users=int(tail.get("users", 0)),
                      fused={k.split("+", 1)[1]: v["test"]["ndcg@10"] for k, v in metrics.items()
-                            if k.startswith("model+") and isinstance(v, dict)})
+                            if k.startswith("model+") and isinstance(v, dict)},
+                     train_seconds=float(train_summary.get("seconds", 0.0)))
 
 
 def _mean_std(values: list[float]) -> str:
@@ -123,7 +126,7 @@ def comparison_table(results: list[RunResult], reference: str = "CAMMSR", masked
     ref = by_variant.get(reference)
     ref_ndcg = float(np.mean([r.test["ndcg@10"] for r in ref])) if ref else None
     other = "NDCG@10 unmasked" if masked else "NDCG@10 masked"
-    fused = list(dict.fromkeys(k for r in results for k in r.fused))  # content kNN rankers fused with the runs
+    fused = sorted({k for r in results for k in r.fused}, key=lambda k: (k != "text_knn", k))  # text first
     header = ["variant", "seeds", *[m.upper() for m in METRICS], other, "tail NDCG@10", "valid NDCG@10",
               *[f"NDCG@10 + {label(k)}" for k in fused], "epoch s", "epochs", "NDCG@10 vs " + reference]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -247,7 +250,8 @@ def run_experiments(name: str, params: Params, paths: CatalogPaths, seeds: list[
         "Valid NDCG@10 is the selection metric of each run's best epoch.", "",
         f"Reproduce: `cammsr experiments --catalog {name} --seeds {','.join(map(str, seeds))}"
         f"{''.join(f' --variant {v!r}' for v in variants) if variants != list(VARIANTS) else ''}{extra}` "
-        f"({time.perf_counter() - t0:.0f} s for the runs not already cached).", "",
+        f"({sum(r.train_seconds for r in results):.0f} s of training for all {len(results)} runs; "
+        f"{time.perf_counter() - t0:.0f} s in this call, which reused the runs already finished).", "",
         *verdict(results, baselines=tuple(v for v in variants if v.startswith("SASRec"))), "",
         table, "",
         "Untrained baselines on the same split and protocol (no seed; `cammsr.evaluate.baselines`): "
