@@ -24,9 +24,10 @@ from cammsr.evaluate.metrics import metrics_from_ranks
 from cammsr.evaluate.ranking import FactoredScores, ScoreFn, popularity_scorer
 from cammsr.model.io import item_features, split_stores
 
-CONTENT_KNN_DIMS = 64  # principal directions kept (the model's width): measured on scientific-mm, the full
-# width ranks no better (text 0.0667 vs 0.0681 test NDCG@10) and whitening them worse (0.0647)
+CONTENT_KNN_DIMS = 64  # principal directions kept (the model's width); on scientific-mm neither the full
+# feature width nor whitened directions ranked better
 CONTENT_KNN_TAPS = (1.0, 0.5, 0.25)  # weights of the last, second-to-last and third-to-last items
+FUSION_BETAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # weights of the kNN score tried on validation (0 = the model)
 
 
 def content_knn_scorer(features: torch.Tensor, present: torch.Tensor, dims: int = CONTENT_KNN_DIMS,
@@ -72,10 +73,6 @@ def label(ranker: str, model_name: str = "model") -> str:
     if ranker == "model":
         return model_name
     return BASELINE_LABELS.get(ranker, ranker).replace("model", model_name, 1)
-
-
-
-FUSION_BETAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # weights of the kNN score tried on validation (0 = the model)
 
 
 def remembered(scorer: FactoredScores) -> FactoredScores:
