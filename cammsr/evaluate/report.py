@@ -16,9 +16,13 @@ def _ordered_keys(part_metrics: dict) -> list[str]:
     return sorted(part_metrics, key=lambda k: (METRIC_ORDER.index(k.split("@")[0]), int(k.split("@")[1])))
 
 
+RANKER_ORDER = ("model", "popularity", "text_knn", "image_knn", "model+text_knn", "model+image_knn")
+
+
 def _rankers(metrics: dict) -> list[str]:
-    """The ranker keys of a metrics.json, the model first (most-popular, then any content kNN)."""
-    return [k for k in metrics if isinstance(metrics[k], dict) and "test" in metrics[k]]
+    """The ranker keys of a metrics.json: the model, most-popular, the content kNN, the late fusions (others last)."""
+    keys = [k for k in metrics if isinstance(metrics[k], dict) and "test" in metrics[k]]
+    return sorted(keys, key=lambda k: RANKER_ORDER.index(k) if k in RANKER_ORDER else len(RANKER_ORDER))
 
 
 def metrics_table(catalog: str, metrics_path: Path, part: str = "test") -> Table:
