@@ -24,12 +24,9 @@ import yaml
 
 from cammsr.core.atomic import atomic_path, write_json_atomic
 from cammsr.core.config import Params, TrainParams
-from cammsr.core.device import pick_device, resolve_precision
 from cammsr.core.paths import CatalogPaths
-from cammsr.data.splits import load_splits
-from cammsr.evaluate.baselines import baseline_rankers, label
-from cammsr.evaluate.buckets import bucket_metrics, popularity_buckets, training_counts
-from cammsr.evaluate.stage import EVALUATION_VERSION, rank_parts, run_evaluate
+from cammsr.evaluate.baselines import label
+from cammsr.evaluate.stage import EVALUATION_VERSION, run_evaluate
 from cammsr.train.trainer import run_train
 
 log = logging.getLogger(__name__)
@@ -68,6 +65,8 @@ class RunResult:
     tail_users: int = 0
     fused: dict[str, float] = field(default_factory=dict)  # test NDCG@10 of model + content kNN, by kNN ranker
     train_seconds: float = 0.0  # wall time of the run's training (when it ran, cached or not)
+    # the untrained baselines its evaluate stage measured on the same split: {ranker: (test, other, tail NDCG@10)}
+    baselines: dict[str, tuple[float, float, float | None]] = field(default_factory=dict)
 
 
 def slug(name: str) -> str:
@@ -105,7 +104,11 @@ def run_variant(name: str, variant: str, seed: int, params: Params, paths: Catal
                      tail_users=int(tail.get("users", 0)),
                      fused={k.split("+", 1)[1]: v["test"]["ndcg@10"] for k, v in metrics.items()
                             if k.startswith("model+") and isinstance(v, dict)},
-                     train_seconds=float(train_summary.get("seconds", 0.0)))
+                     train_seconds=float(train_summary.get("seconds", 0.0)),
+                     baselines={r: (v["test"]["ndcg@10"], next((o["ndcg@10"] for k, o in v.items()
+                                                                 if k.startswith("test_history_")), float("nan")),
+                                    tail.get(r, {}).get("ndcg@10"))
+                                for r in ("popularity", "text_knn", "image_knn") if (v := metrics.get(r))})
 
 
 def _mean_std(values: list[float]) -> str:
@@ -182,24 +185,15 @@ def verdict(results: list[RunResult], model: str = "CAMMSR", baselines: tuple[st
     return lines
 
 
-def baseline_lines(params: Params, paths: CatalogPaths) -> list[str]:
-    """One line per untrained baseline on the catalog's split (the same protocol as the runs): test NDCG@10,
-    masked NDCG@10 and tail NDCG@10. Seed-free, so computed once, not per run."""
-    split = load_splits(paths.splits_dir)
-    device = pick_device(params.project.device)
-    precision = resolve_precision(params.evaluate.precision, device, auto_on=("cpu",))
-    rankers = baseline_rankers(split, paths)
-    results, test_ranks = rank_parts(rankers, split, params.splits, params.evaluate, device, precision)
-    _, targets, _ = split.held_out("test", params.splits.max_seq_len)
-    tail = bucket_metrics(test_ranks, targets, popularity_buckets(training_counts(split.train_sequences(),
-                                                                                   split.num_items)))["tail"]
-    other = next(k for k in results["popularity"] if k.startswith("test_history_"))
-    lines = []
-    for r in rankers:
-        tail_ndcg = f", tail {tail[r]['ndcg@10']:.4f}" if tail["users"] else ""
-        lines.append(f"- {label(r)}: test NDCG@10 {results[r]['test']['ndcg@10']:.4f}, "
-                     f"{other.rsplit('_', 1)[1]} {results[r][other]['ndcg@10']:.4f}{tail_ndcg}")
-    return lines
+def baseline_lines(results: list[RunResult], masked: bool = False) -> list[str]:
+    """One line per untrained baseline (test NDCG@10, under the other protocol, on the tail), as the runs'
+    evaluate stage measured it on the same split: seed-free, so read from the first run that has it."""
+    source = next((r for r in results if r.baselines), None)
+    if source is None:
+        return []
+    other = "unmasked" if masked else "masked"
+    return [f"- {label(r)}: test NDCG@10 {test:.4f}, {other} {alt:.4f}"
+            + (f", tail {tail:.4f}" if tail is not None else "") for r, (test, alt, tail) in source.baselines.items()]
 
 
 def train_overrides(assignments: list[str], train: TrainParams) -> dict[str, object]:
@@ -250,14 +244,14 @@ def run_experiments(name: str, params: Params, paths: CatalogPaths, seeds: list[
         "Valid NDCG@10 is the selection metric of each run's best epoch.", "",
         f"Reproduce: `cammsr experiments --catalog {name} --seeds {','.join(map(str, seeds))}"
         f"{''.join(f' --variant {v!r}' for v in variants) if variants != list(VARIANTS) else ''}{extra}` "
-        f"({sum(r.train_seconds for r in results):.0f} s of training for all {len(results)} runs; "
-        f"{time.perf_counter() - t0:.0f} s in this call, which reused the runs already finished).", "",
+        f"({sum(r.train_seconds for r in results):.0f} s of training for all {len(results)} runs; this call "
+        f"took {time.perf_counter() - t0:.0f} s, finished runs are reused).", "",
         *verdict(results, baselines=tuple(v for v in variants if v.startswith("SASRec"))), "",
         table, "",
         "Untrained baselines on the same split and protocol (no seed; `cammsr.evaluate.baselines`): "
         "most-popular, and content nearest neighbours (items on their features' top principal directions, "
         "scored by similarity to the user's last three items) where the catalog has text or image features.", "",
-        *baseline_lines(params, paths), "",
+        *baseline_lines(results, params.evaluate.mask_history), "",
     ])
     with atomic_path(out, suffix=".md") as tmp:
         tmp.write_text(text)
