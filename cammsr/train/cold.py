@@ -35,8 +35,9 @@ from cammsr.core.config import Params
 from cammsr.core.device import pick_device, resolve_precision
 from cammsr.core.paths import CatalogPaths
 from cammsr.data.splits import SplitData, load_splits
+from cammsr.evaluate.baselines import baseline_rankers, label
 from cammsr.evaluate.metrics import metrics_from_ranks
-from cammsr.evaluate.ranking import model_scores, popularity_scorer, rank_targets
+from cammsr.evaluate.ranking import model_scores, rank_targets
 from cammsr.model.io import load_checkpoint
 from cammsr.train.experiments import VARIANTS, feature_source, slug
 from cammsr.train.trainer import run_train
@@ -148,8 +149,9 @@ def _cell(values: list[float]) -> str:
     return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
 
 
-def cold_table(runs: dict[str, list[dict]], popularity: dict) -> str:
-    """Markdown: one row per ranker, HR/NDCG@10 on cold, warm and all test targets, mean ± std over seeds."""
+def cold_table(runs: dict[str, list[dict]], baselines: dict[str, dict]) -> str:
+    """Markdown: one row per ranker, HR/NDCG@10 on cold, warm and all test targets, mean ± std over seeds;
+    the untrained ``baselines`` ({label: metrics}) one row each, no seed."""
     cols = [(part, m) for part in PARTS for m in (f"hr@{K}", f"ndcg@{K}")]
     header = ["ranker", "seeds", *[f"{part} {m.upper()}" for part, m in cols], "epochs"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -157,7 +159,8 @@ def cold_table(runs: dict[str, list[dict]], popularity: dict) -> str:
         cells = [variant, str(len(results)), *[_cell([r[p][m] for r in results]) for p, m in cols],
                  f"{np.mean([r['epochs'] for r in results]):.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append("| " + " | ".join(["most-popular", "-", *[f"{popularity[p][m]:.4f}" for p, m in cols], "-"]) + " |")
+    for name, metrics in baselines.items():
+        lines.append("| " + " | ".join([name, "-", *[f"{metrics[p][m]:.4f}" for p, m in cols], "-"]) + " |")
     return "\n".join(lines)
 
 
@@ -170,9 +173,10 @@ def run_cold_items(name: str, params: Params, paths: CatalogPaths, seeds: list[i
     t0 = time.perf_counter()
     cold = make_cold_split(load_splits(paths.splits_dir), fraction, cold_seed)
     hist, targets, is_cold = cold.test(params.splits.max_seq_len)
-    pop = popularity_scorer(cold.full.train_sequences(), cold.full.num_items)
-    popularity = part_metrics(rank_targets(pop, hist, targets, params.evaluate.batch_size,
-                                           params.evaluate.mask_history), is_cold)
+    # most-popular and content kNN (it ranks a cold item by its text or image like any other): no training
+    baselines = {label(r): part_metrics(rank_targets(fn, hist, targets, params.evaluate.batch_size,
+                                                     params.evaluate.mask_history), is_cold)
+                 for r, fn in baseline_rankers(cold.full, paths).items()}
     key = f"cold fraction {fraction} seed {cold_seed}"
     runs: dict[str, list[dict]] = {}
     for variant in variants:
@@ -193,8 +197,9 @@ def run_cold_items(name: str, params: Params, paths: CatalogPaths, seeds: list[i
         f"train on the {cold.num_warm} warm items (the cold ones are not in the training softmax) and rank "
         f"the test targets over all {cold.full.num_items} items: CAMMSR scores a cold item from its text and "
         f"image with the unknown-ID vector in place of its ID row, SASRec has only the unknown-ID vector "
-        f"(the same score for every cold item), most-popular has count 0 for them. Ties count against the "
-        f"target.", "",
+        f"(the same score for every cold item), most-popular has count 0 for them, the content kNN baselines "
+        f"(no training) rank every item by its features' similarity to the user's last three items. Ties "
+        f"count against the target.", "",
         f"Full ranking, history {'masked' if params.evaluate.mask_history else 'not masked'}; mean ± std over "
         f"training seeds {seeds}; model selection on validation NDCG@10 (warm targets) with patience "
         f"{train.patience}, at most {train.epochs} epochs; item-ID dropout {train.id_dropout} unless the "
@@ -204,7 +209,7 @@ def run_cold_items(name: str, params: Params, paths: CatalogPaths, seeds: list[i
         f"{params.splits.user_core}/{params.splits.item_core}-core, {len(cold.full.user_ids)} users. "
         f"Reproduce (after `dvc repro split_features@{name}`): `{command}` "
         f"({time.perf_counter() - t0:.0f} s for the runs not already cached).", "",
-        cold_table(runs, popularity), "",
+        cold_table(runs, baselines), "",
     ])
     with atomic_path(out, suffix=".md") as tmp:
         tmp.write_text(text)

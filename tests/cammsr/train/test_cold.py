@@ -61,7 +61,7 @@ def test_run_cold_items_reports_cammsr_sasrec_and_popularity(tiny_catalog, tmp_p
     assert "10 of 40 items (25%, drawn with seed 1)" in text
     assert "--cold-items 0.25 --cold-seed 1 --seeds 0 --variant 'CAMMSR' --variant 'SASRec' --epochs 1" in text
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
-    assert {"CAMMSR", "SASRec", "most-popular"} <= set(rows)
+    assert {"CAMMSR", "SASRec", "most-popular", "text kNN (untrained)", "image kNN (untrained)"} <= set(rows)
     assert rows["most-popular"][2:4] == ["0.0000", "0.0000"]  # never seen: count 0, below every warm item
     # a second call reuses the finished runs
     assert run_cold_items("tiny", params, tiny_catalog, [0], ["SASRec"], 0.25, 1, out, overrides={"epochs": 1})
