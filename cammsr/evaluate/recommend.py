@@ -108,15 +108,9 @@ def read_user_list(path: Path) -> list[str]:
     return list(dict.fromkeys(ids))
 
 
-def check_finite(scores: torch.Tensor) -> None:
-    """Stop on a NaN or +inf score [B, N+1] (-inf is allowed: padding and excluded items).
-
-    One pass: a row max (NaN propagates through it, as in `cammsr.evaluate.metrics.target_ranks`).
-    """
-    _check_row_max(scores.amax(dim=1))
-
-
 def _check_row_max(row_max: torch.Tensor) -> None:
+    """Stop on a NaN or +inf row maximum [B] (NaN propagates through a max; -inf is allowed: padding and
+    excluded items)."""
     bad = torch.isnan(row_max) | torch.isposinf(row_max)
     if bad.any():
         rows = bad.nonzero().squeeze(1)[:5].tolist()

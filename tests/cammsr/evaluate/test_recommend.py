@@ -233,17 +233,16 @@ def test_the_cli_passes_k_users_and_out_to_the_stage(trained, tmp_path, monkeypa
 
 def test_a_nan_score_stops_recommendation():
     from cammsr.evaluate.metrics import NonFiniteScoresError
-    from cammsr.evaluate.recommend import check_finite, top_k
+    from cammsr.evaluate.recommend import top_k
 
     scores = torch.tensor([[float("-inf"), 1.0, 3.0, 3.0, -2.0], [float("-inf"), 0.5, float("-inf"), 2.0, 1.0]])
-    check_finite(scores)  # -inf is fine: padding and excluded items
-    values, cols = top_k(scores, 3)
+    values, cols = top_k(scores, 3)  # -inf is fine: padding and excluded items
     assert cols.tolist() == [[2, 3, 1], [3, 4, 1]] and values[0].tolist() == [3.0, 3.0, 1.0]  # ties: lower index
     for bad in (float("nan"), float("inf")):
         broken = scores.clone()
         broken[1, 3] = bad
         with pytest.raises(NonFiniteScoresError, match=r"batch rows \[1\]"):
-            check_finite(broken)
+            top_k(broken, 3)
 
 
 @pytest.mark.parametrize("n", [40, 2048, 2070])  # the plain top-k; whole groups; groups and a remainder
