@@ -42,8 +42,8 @@ from cammsr.core.paths import CatalogPaths
 from cammsr.core.summary import StageSummary
 from cammsr.data.batches import pad_right
 from cammsr.data.splits import SplitData, load_splits
-from cammsr.evaluate.metrics import NonFiniteScoresError
 from cammsr.evaluate.ranking import model_scores, score_by_length
+from cammsr.evaluate.top_k import top_k
 from cammsr.model.io import load_checkpoint, whole_stores
 from features.store import read_rows
 
@@ -56,7 +56,6 @@ SCHEMA = pa.schema([
     pa.field("score", pa.float32(), nullable=False),
 ])
 MAX_LISTED_UNKNOWN = 100  # unknown user ids listed in the summary; the rest are counted
-GROUP = 32  # columns per group in the grouped top-k (`top_k_columns`; 16 and 128 measured slower)
 SCORE_ROWS = 256  # users per score matmul: each [256, N+1] block is selected from while it is in cache
 
 
@@ -106,57 +105,6 @@ def read_user_list(path: Path) -> list[str]:
         ids = [line.strip() for line in path.read_text().splitlines()]
         ids = [u for u in ids if u and not u.startswith("#")]
     return list(dict.fromkeys(ids))
-
-
-def _check_row_max(row_max: torch.Tensor) -> None:
-    """Stop on a NaN or +inf row maximum [B] (NaN propagates through a max; -inf is allowed: padding and
-    excluded items)."""
-    bad = torch.isnan(row_max) | torch.isposinf(row_max)
-    if bad.any():
-        rows = bad.nonzero().squeeze(1)[:5].tolist()
-        raise NonFiniteScoresError(f"NaN or +inf scores for batch rows {rows}: recommendation stopped")
-
-
-def top_k_columns(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The ``k`` best entries of each row of ``scores`` [B, N]: values [B, k], columns [B, k] (in no order) and
-    the row maxima [B] (NaN where a row holds one).
-
-    Grouped, exact: the columns are cut into groups of GROUP, and each row's k best entries lie in its k groups
-    with the highest maxima (an entry outside them has k group maxima, k distinct entries, at least as high).
-    One vectorised max over groups, a top-k over the group maxima and one over the k x GROUP entries of the
-    chosen groups: ~1.6x faster than a top-k over all N columns. With ties at the k-th value, which of the
-    tied entries is returned is arbitrary, as with `torch.topk`; the values are exactly the k best.
-    """
-    B, N = scores.shape
-    M = N // GROUP * GROUP  # columns in whole groups; the rest are always candidates
-    n_groups = M // GROUP
-    if n_groups <= 2 * k:  # few groups: nothing to gain
-        values, cols = scores.topk(min(k, N), dim=1, sorted=False)
-        return values, cols, scores.amax(dim=1)
-    group_max = scores[:, :M].view(B, n_groups, GROUP).amax(dim=2)  # [B, G]
-    row_max = group_max.amax(dim=1)
-    if M < N:
-        row_max = torch.maximum(row_max, scores[:, M:].amax(dim=1))  # NaN propagates
-    groups = group_max.topk(k, dim=1, sorted=False).indices  # [B, k]
-    cols = (groups[:, :, None] * GROUP + torch.arange(GROUP, device=scores.device)).view(B, -1)  # [B, k*GROUP]
-    if M < N:
-        cols = torch.cat([cols, torch.arange(M, N, device=scores.device).expand(B, -1)], dim=1)
-    values, pick = scores.gather(1, cols).topk(k, dim=1, sorted=False)  # [B, k]
-    return values, cols.gather(1, pick), row_max
-
-
-def top_k(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best columns of each row of ``scores`` [B, N+1] (excluded items at -inf): scores [B, k] and
-    columns [B, k], best first, equal scores by lower column (item index).
-
-    Raises:
-        NonFiniteScoresError: a row holds NaN or +inf (-inf is allowed: padding and excluded items).
-    """
-    values, cols, row_max = top_k_columns(scores, min(k, scores.shape[1]))
-    _check_row_max(row_max)
-    values, cols = values.cpu().numpy(), cols.cpu().numpy()
-    order = np.lexsort((cols, -values), axis=1)  # ties: lower item index first
-    return np.take_along_axis(values, order, 1), np.take_along_axis(cols, order, 1)
 
 
 def batch_table(user_ids: pa.Array, item_ids: pa.Array, users: np.ndarray, values: np.ndarray, cols: np.ndarray
@@ -280,7 +228,8 @@ def run_recommend(name: str, params: RecommendParams, paths: CatalogPaths, devic
         counts={"users": n_users, "unknown_users": len(unknown), "k": k, "rows": written,
                 "items": served.num_items, "new_items": len(extra.item_ids),
                 "users_per_s": round(n_users / max(rank_s, 1e-9), 1), "peak_rss_mb": round(peak_rss_mb(), 1),
-                "loop_s": round(rank_s, 3), **{f"{part}_s": round(v, 3) for part, v in clock.items()}},
+                "loop_s": round(rank_s, 3),
+                **{f"{part}_s": round(v, 3) for part, v in clock.items()}},
         seconds=time.perf_counter() - t0, notes=notes,
     )
     if out == paths.recommendations:

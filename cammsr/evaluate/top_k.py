@@ -1,0 +1,83 @@
+"""Exact top-k items per user over a block of float32 scores, grouped.
+
+One max over groups of GROUP columns, a top-k over the group maxima, one over the chosen groups' entries:
+~1.6x faster than a top-k over all columns. (A bfloat16 score matmul with an exact float64 recheck of each
+user's best candidates was measured slower as a whole: the conversion of its scores and the wider top-k over
+the candidates cost more than the matmul saves.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cammsr.evaluate.metrics import NonFiniteScoresError
+
+GROUP = 32  # columns per group in the grouped top-k (16 and 128 measured slower)
+
+
+def check_row_max(row_max: torch.Tensor) -> None:
+    """Stop on a NaN or +inf row maximum [B] (NaN propagates through a max; -inf is allowed: padding and
+    excluded items)."""
+    bad = torch.isnan(row_max) | torch.isposinf(row_max)
+    if bad.any():
+        rows = bad.nonzero().squeeze(1)[:5].tolist()
+        raise NonFiniteScoresError(f"NaN or +inf scores for batch rows {rows}: recommendation stopped")
+
+
+def _group_maxima(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Maxima [B, G] of the whole groups of GROUP columns of ``scores`` [B, N], the row maxima [B] (NaN
+    propagates) and M, the columns in whole groups (the rest are always candidates)."""
+    B, N = scores.shape
+    M = N // GROUP * GROUP
+    group_max = scores[:, :M].view(B, M // GROUP, GROUP).amax(dim=2)  # [B, G]
+    row_max = group_max.amax(dim=1)
+    if M < N:
+        row_max = torch.maximum(row_max, scores[:, M:].amax(dim=1))
+    return group_max, row_max, M
+
+
+def _group_columns(groups: torch.Tensor, M: int, N: int) -> torch.Tensor:
+    """The columns [B, g x GROUP (+ N - M)] of the groups ``groups`` [B, g], then the columns past M."""
+    B = len(groups)
+    cols = (groups[:, :, None] * GROUP + torch.arange(GROUP, device=groups.device)).view(B, -1)
+    if M < N:
+        cols = torch.cat([cols, torch.arange(M, N, device=groups.device).expand(B, -1)], dim=1)
+    return cols
+
+
+def top_k_columns(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``k`` best entries of each row of ``scores`` [B, N]: values [B, k], columns [B, k] (in no order) and
+    the row maxima [B] (NaN where a row holds one).
+
+    Grouped, exact: each row's k best entries lie in its k groups with the highest maxima (an entry outside
+    them has k group maxima, k distinct entries, at least as high). ~1.6x faster than a top-k over all N
+    columns. With ties at the k-th value, which tied entry is returned is arbitrary, as with `torch.topk`.
+    """
+    B, N = scores.shape
+    if 2 * k >= N // GROUP:  # few groups: nothing to gain
+        values, cols = scores.topk(min(k, N), dim=1, sorted=False)
+        return values, cols, scores.amax(dim=1)
+    group_max, row_max, M = _group_maxima(scores)
+    cols = _group_columns(group_max.topk(k, dim=1, sorted=False).indices, M, N)  # [B, k*GROUP (+ rest)]
+    values, pick = scores.gather(1, cols).topk(k, dim=1, sorted=False)  # [B, k]
+    return values, cols.gather(1, pick), row_max
+
+
+def best_first(values: torch.Tensor, cols: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` / ``cols`` [B, k] (any order) as arrays sorted best first, equal scores by lower column."""
+    values, cols = values.cpu().numpy(), cols.cpu().numpy()
+    order = np.lexsort((cols, -values), axis=1)
+    return np.take_along_axis(values, order, 1), np.take_along_axis(cols, order, 1)
+
+
+def top_k(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best columns of each row of float32 ``scores`` [B, N+1] (excluded items at -inf): scores
+    [B, k] and columns [B, k], best first, equal scores by lower column (item index).
+
+    Raises:
+        NonFiniteScoresError: a row holds NaN or +inf (-inf is allowed: padding and excluded items).
+    """
+    values, cols, row_max = top_k_columns(scores, min(k, scores.shape[1]))
+    check_row_max(row_max)
+    return best_first(values, cols)
