@@ -238,6 +238,9 @@ class RecommendParams(Section):
     include_new_items: bool = Field(default=True, description="rank catalog items the model was not trained "
                                     "on from their content (multimodal checkpoints)")
     batch_size: int = Field(default=1024, ge=1)
+    new_item_neighbours: int = Field(default=3, ge=0, description="an item the model was not trained on gets "
+                                     "the weighted mean of the ID rows of this many trained items most like it "
+                                     "in content; 0 = the learned unknown-ID vector")
 
 
 class Params(Section):

@@ -9,9 +9,10 @@ Parquet file at once, so memory does not grow with the number of users.
 
 New items: with ``recommend.include_new_items`` and a checkpoint that reads text or images, the catalog's
 items that the model was not trained on (added to the metadata since, or outside the split's k-core) are
-ranked too, when they have features in an active modality: their ID is the learned unknown-ID vector and
-their content goes through the trained projections and experts (`cammsr.model.io.load_checkpoint`). An
-item with neither interactions nor content is never recommended.
+ranked too, when they have features in an active modality: their content goes through the trained projections
+and experts (`cammsr.model.io.load_checkpoint`), and their ID row is the weighted mean of those of the
+``recommend.new_item_neighbours`` trained items most like them in content (`cammsr.model.new_items`; 0 = the
+learned unknown-ID vector). An item with neither interactions nor content is never recommended.
 
 Output ``recommendations.parquet``: user_id (str), rank (int16, 1 = best), item_id (str), score (float32);
 the schema metadata holds the model's identity and the checkpoint's sha256.
@@ -45,6 +46,7 @@ from cammsr.data.splits import SplitData, load_splits
 from cammsr.evaluate.ranking import model_scores, score_by_length
 from cammsr.evaluate.top_k import top_k
 from cammsr.model.io import load_checkpoint, whole_stores
+from cammsr.model.new_items import impute_new_item_ids
 from features.store import read_rows
 
 log = logging.getLogger(__name__)
@@ -148,6 +150,7 @@ def run_recommend(name: str, params: RecommendParams, paths: CatalogPaths, devic
         extra = new_items(split, paths, content)
     served = with_items(split, extra)
     model, ckpt = load_checkpoint(paths.checkpoint, served, paths, map_location=dev, stores=whole_stores(paths))
+    imputed = impute_new_item_ids(model, int(trained_cfg["num_items"]), params.new_item_neighbours)
     model.to(dev).eval()
     # as in evaluation: the item table projected once for the whole pass, float32 scores (they are written)
     scorer = model_scores(model)
@@ -211,8 +214,10 @@ def run_recommend(name: str, params: RecommendParams, paths: CatalogPaths, devic
              f"({'seen items excluded' if params.exclude_seen else 'seen items kept'}) -> {out}"]
     if extra.item_ids:
         unseen = int((extra.categories < 0).sum())
+        id_rows = (f"ID rows of {imputed} from their {params.new_item_neighbours} nearest trained items in "
+                   f"content" if imputed else "unknown-ID vector")
         notes.append(f"{len(extra.item_ids)} items outside the trained index ranked from their content "
-                     f"(unknown-ID vector)" + (f"; {unseen} of them in a category the model never saw" if unseen
+                     f"({id_rows})" + (f"; {unseen} of them in a category the model never saw" if unseen
                                                else ""))
     elif not content:
         notes.append("ID-only checkpoint: items outside the trained index cannot be ranked")

@@ -9,7 +9,9 @@ that is added to the catalog after training is not. At test time the item table 
 (`cammsr.model.io.load_checkpoint`, the same path as serving new items after a feature refresh):
 
 - CAMMSR ranks a cold item by its text and image through the trained projections and experts, with the
-  learned unknown-ID vector in place of its ID row;
+  learned unknown-ID vector in place of its ID row, and again (from the same checkpoint) with an ID row from
+  its ``recommend.new_item_neighbours`` nearest warm items in content (`cammsr.model.new_items`), as
+  `cammsr recommend` serves new items;
 - SASRec has only its ID table: every cold item gets the unknown-ID vector, an untrained row (zeros)
   unless item-ID dropout trained it, so all cold items score the same and sit together in the ranking;
 - most-popular has never seen them (count 0).
@@ -39,6 +41,7 @@ from cammsr.evaluate.baselines import baseline_rankers, label
 from cammsr.evaluate.metrics import metrics_from_ranks
 from cammsr.evaluate.ranking import model_scores, rank_targets
 from cammsr.model.io import load_checkpoint
+from cammsr.model.new_items import NEIGHBOUR_TEMPERATURE, impute_new_item_ids
 from cammsr.train.experiments import VARIANTS, feature_source, slug
 from cammsr.train.trainer import run_train
 
@@ -119,29 +122,44 @@ def part_metrics(ranks: np.ndarray, is_cold: np.ndarray) -> dict[str, dict[str, 
     return out
 
 
+def _cold_metrics(model, cold: ColdSplit, params: Params, device) -> dict[str, dict[str, float]]:
+    """`part_metrics` of ``model`` (loaded on ``cold.full``) over the test targets."""
+    model.to(device).eval()
+    hist, targets, is_cold = cold.test(params.splits.max_seq_len)
+    precision = resolve_precision(params.evaluate.precision, device, auto_on=("cpu",))  # exact ranks either way
+    ranks = rank_targets(model_scores(model), hist, targets, params.evaluate.batch_size,
+                         params.evaluate.mask_history, device, precision)
+    return part_metrics(ranks, is_cold)
+
+
 def run_cold_variant(name: str, variant: str, seed: int, params: Params, paths: CatalogPaths, cold: ColdSplit,
                      key: str, out_dir: Path, overrides: dict | None = None) -> dict:
-    """Train ``variant`` on the warm items with ``seed``, rank the test targets over all items; cached."""
+    """Train ``variant`` on the warm items with ``seed``, rank the test targets over all items, with the
+    unknown-ID vector for the cold items and (``"neighbour_ids"``) with ID rows from their
+    ``recommend.new_item_neighbours`` content neighbours as serving gives them; cached."""
     train = params.train.model_copy(update={**VARIANTS[variant], **(overrides or {})})
     project = params.project.model_copy(update={"seed": seed})
     run_key = json.dumps([train.model_dump(), params.splits.model_dump(), params.evaluate.model_dump(),
                           params.features.model_dump(), seed, key], sort_keys=True, default=str)
     digest = hashlib.sha256(run_key.encode()).hexdigest()[:10]
     run_paths = paths.for_run(out_dir / slug(variant) / f"seed{seed}-{digest}")
+    device = pick_device(project.device)
     if not run_paths.metrics.exists():
         run_train(name, train, params.splits, params.evaluate, project, run_paths, split=cold.train)
-        device = pick_device(project.device)
         model, ckpt = load_checkpoint(run_paths.checkpoint, cold.full, run_paths, map_location=device)
-        model.to(device).eval()
-        hist, targets, is_cold = cold.test(params.splits.max_seq_len)
-        precision = resolve_precision(params.evaluate.precision, device, auto_on=("cpu",))  # exact ranks either way
-        ranks = rank_targets(model_scores(model), hist, targets, params.evaluate.batch_size,
-                             params.evaluate.mask_history, device, precision)
         tsum = json.loads(run_paths.summary("train").read_text())["counts"]
         write_json_atomic(run_paths.metrics, {"variant": variant, "seed": seed, "epochs": tsum["epochs_run"],
                                               "best_epoch": int(ckpt.get("epoch", -1)),
-                                              **part_metrics(ranks, is_cold)})
-    return json.loads(run_paths.metrics.read_text())
+                                              **_cold_metrics(model, cold, params, device)})
+    metrics = json.loads(run_paths.metrics.read_text())
+    k = params.recommend.new_item_neighbours
+    if k > 0 and metrics.get("neighbour_ids", {}).get("neighbours") != k:  # not yet measured with this k
+        model, _ = load_checkpoint(run_paths.checkpoint, cold.full, run_paths, map_location=device)
+        imputed = impute_new_item_ids(model, cold.num_warm, k)
+        parts = _cold_metrics(model, cold, params, device) if imputed else {}
+        metrics["neighbour_ids"] = {"neighbours": k, "imputed": imputed, **parts}
+        write_json_atomic(run_paths.metrics, metrics)
+    return metrics
 
 
 def _cell(values: list[float]) -> str:
@@ -184,6 +202,12 @@ def run_cold_items(name: str, params: Params, paths: CatalogPaths, seeds: list[i
             log.info("cold items: %s seed %d", variant, seed)
             runs.setdefault(variant, []).append(run_cold_variant(
                 name, variant, seed, params, paths, cold, key, paths.root / "experiments" / "cold-items", overrides))
+    k = params.recommend.new_item_neighbours
+    for variant in variants:  # the same checkpoints with the cold items' ID rows from their content neighbours
+        imputed = [{**r["neighbour_ids"], "epochs": r["epochs"]} for r in runs[variant]
+                   if k > 0 and r.get("neighbour_ids", {}).get("imputed")]
+        if len(imputed) == len(runs[variant]):
+            runs[f"{variant}, cold IDs from {k} content neighbours"] = imputed
     train = params.train.model_copy(update=overrides or {})
     catalog = params.catalog(name)
     extra = f" --epochs {overrides['epochs']}" if overrides and "epochs" in overrides else ""
@@ -196,8 +220,11 @@ def run_cold_items(name: str, params: Params, paths: CatalogPaths, seeds: list[i
         f"test targets. {int(is_cold.sum())} of the {len(targets)} test targets are cold items. The models "
         f"train on the {cold.num_warm} warm items (the cold ones are not in the training softmax) and rank "
         f"the test targets over all {cold.full.num_items} items: CAMMSR scores a cold item from its text and "
-        f"image with the unknown-ID vector in place of its ID row, SASRec has only the unknown-ID vector "
-        f"(the same score for every cold item), most-popular has count 0 for them, the content kNN baselines "
+        f"image with the unknown-ID vector in place of its ID row (rows \"cold IDs from {k} content "
+        f"neighbours\": the same checkpoints, each cold item's ID row the softmax(cos / "
+        f"{NEIGHBOUR_TEMPERATURE})-weighted mean of those of the {k} warm items most like it in content, as "
+        f"`cammsr recommend` serves new items), SASRec has only the unknown-ID vector (the same score for every "
+        f"cold item), most-popular has count 0 for them, the content kNN baselines "
         f"(no training) rank every item by its features' similarity to the user's last three items. Ties "
         f"count against the target.", "",
         f"Full ranking, history {'masked' if params.evaluate.mask_history else 'not masked'}; mean ± std over "

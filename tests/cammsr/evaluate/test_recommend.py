@@ -163,7 +163,8 @@ def test_a_new_item_is_ranked_from_its_content_without_retraining(trained):
     features = {m: train_mean[m] + 3 * best[m] / np.linalg.norm(best[m]) for m in DIMS}
     _add_item(trained, "new-item", "c1", features)
     _add_item(trained, "no-content", "c2", {})  # neither interactions nor features: never recommended
-    summary = run_recommend("tiny", RecommendParams(k=n + 1, exclude_seen=False), trained, device="cpu")
+    summary = run_recommend("tiny", RecommendParams(k=n + 1, exclude_seen=False, new_item_neighbours=0), trained,
+                            device="cpu")
     assert summary.counts["new_items"] == 1 and summary.counts["items"] == n + 1
     assert any("1 catalog items outside the trained index have no content" in note for note in summary.notes)
     table = pl.read_parquet(trained.recommendations)
@@ -187,6 +188,20 @@ def test_a_new_item_is_ranked_from_its_content_without_retraining(trained):
     # the trained items keep their order: the catalog's growth moved none of their features
     old = _direct_top(model, split, [u], n, False, n)[split.user_ids[u]]
     assert mine.filter(pl.col("item_id") != "new-item")["item_id"].to_list() == [split.item_ids[i - 1] for i, _ in old]
+
+    # With an ID row from its nearest trained item in content (mean cosine of the prepared features over the
+    # modalities): the ID term is that item's row instead of the unknown vector, the content terms are the same.
+    with torch.no_grad():
+        prepared = {m: torch.nn.functional.normalize(torch.from_numpy(features[m] - train_mean[m]).float(), dim=0)
+                    for m in DIMS}
+        cos = sum(torch.nn.functional.normalize(model.frozen[m].features[1:], dim=1) @ prepared[m]
+                  for m in DIMS) / len(DIMS)  # [n]
+        nearest = 1 + int(cos.argmax())
+        neighbour_score = by_hand + float(z[model.mods.index("id")] @ (model.id_emb.weight[nearest] - e["id"]))
+    run_recommend("tiny", RecommendParams(k=n + 1, exclude_seen=False, new_item_neighbours=1), trained, device="cpu")
+    table = pl.read_parquet(trained.recommendations).filter(pl.col("user_id") == split.user_ids[u])
+    score = table.filter(pl.col("item_id") == "new-item")["score"][0]
+    assert score == pytest.approx(neighbour_score, rel=1e-4, abs=1e-5) and score != pytest.approx(by_hand, rel=1e-3)
 
     off = run_recommend("tiny", RecommendParams(k=n + 1, include_new_items=False), trained, device="cpu")
     assert off.counts["new_items"] == 0 and "new-item" not in pl.read_parquet(trained.recommendations)["item_id"]

@@ -1,5 +1,7 @@
 """The cold-item study: a split with items held out of training, and the study's report."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -63,5 +65,16 @@ def test_run_cold_items_reports_cammsr_sasrec_and_popularity(tiny_catalog, tmp_p
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ")}
     assert {"CAMMSR", "SASRec", "most-popular", "text kNN (untrained)", "image kNN (untrained)"} <= set(rows)
     assert rows["most-popular"][2:4] == ["0.0000", "0.0000"]  # never seen: count 0, below every warm item
+    # the same CAMMSR checkpoint with the cold items' ID rows from their content neighbours (as recommend serves
+    # them); SASRec has no content to find neighbours by
+    assert "CAMMSR, cold IDs from 3 content neighbours" in rows and not any("SASRec," in r for r in rows)
+    metrics = json.loads(next((tiny_catalog.root / "experiments" / "cold-items" / "cammsr").glob("*/metrics.json"))
+                         .read_text())
+    assert metrics["neighbour_ids"]["neighbours"] == 3 and metrics["neighbour_ids"]["imputed"] == 10
+    assert metrics["neighbour_ids"]["warm"]["targets"] == metrics["warm"]["targets"]
+    # another neighbour count re-ranks the cached checkpoint (no training) and is recorded with its count
+    again = params.model_copy(update={"recommend": params.recommend.model_copy(update={"new_item_neighbours": 1})})
+    text = run_cold_items("tiny", again, tiny_catalog, [0], ["CAMMSR"], 0.25, 1, out, overrides={"epochs": 1})
+    assert "CAMMSR, cold IDs from 1 content neighbours" in text
     # a second call reuses the finished runs
     assert run_cold_items("tiny", params, tiny_catalog, [0], ["SASRec"], 0.25, 1, out, overrides={"epochs": 1})
