@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import date
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -214,6 +214,10 @@ class TrainParams(Section):
                                "5x cheaper on CPU than bernoulli_)")
     id_dropout: float = Field(default=0.0, ge=0, lt=1, description="fraction of item IDs replaced by the "
                               "learned unknown-ID vector at each step (trains it for items added after training)")
+    id_smoothing: list[Annotated[float, Field(gt=0)]] = Field(
+        default=[0.5, 1.0, 2.0, 4.0, 8.0], description="after training, each ID row is shrunk towards its content "
+        "neighbours' rows, (c e + lambda m) / (c + lambda) with c the item's training count; lambda is picked on "
+        "validation NDCG@10 from these values and 0 (off); [] = not tried. Models with IDs and content only")
 
 
 class EvaluateParams(Section):

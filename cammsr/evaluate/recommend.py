@@ -11,7 +11,7 @@ New items: with ``recommend.include_new_items`` and a checkpoint that reads text
 items that the model was not trained on (added to the metadata since, or outside the split's k-core) are
 ranked too, when they have features in an active modality: their content goes through the trained projections
 and experts (`cammsr.model.io.load_checkpoint`), and their ID row is the weighted mean of those of the
-``recommend.new_item_neighbours`` trained items most like them in content (`cammsr.model.new_items`; 0 = the
+``recommend.new_item_neighbours`` trained items most like them in content (`cammsr.model.content_neighbours`; 0 = the
 learned unknown-ID vector). An item with neither interactions nor content is never recommended.
 
 Output ``recommendations.parquet``: user_id (str), rank (int16, 1 = best), item_id (str), score (float32);
@@ -45,8 +45,8 @@ from cammsr.data.batches import pad_right
 from cammsr.data.splits import SplitData, load_splits
 from cammsr.evaluate.ranking import model_scores, score_by_length
 from cammsr.evaluate.top_k import top_k
+from cammsr.model.content_neighbours import impute_new_item_ids
 from cammsr.model.io import load_checkpoint, whole_stores
-from cammsr.model.new_items import impute_new_item_ids
 from features.store import read_rows
 
 log = logging.getLogger(__name__)

@@ -200,7 +200,7 @@ def load_checkpoint(path: Path, split: SplitData, paths: CatalogPaths, map_locat
 
     ``split`` may list more items than the model was trained on, after the trained ones (items added to the
     catalog since, or held out of training): the item table grows to hold them, and they are scored with the
-    learned unknown-ID vector in place of an ID row (`cammsr.model.new_items.impute_new_item_ids` can then give
+    learned unknown-ID vector in place of an ID row (`cammsr.model.content_neighbours.impute_new_item_ids` can then give
     them ID rows from their content neighbours) and their own text and image through the trained
     projections and experts. ``stores``: where the features come from; default the split's cut
     (`split_stores`), which holds only the split's items; items added after training need `whole_stores`.

@@ -10,7 +10,7 @@ that is added to the catalog after training is not. At test time the item table 
 
 - CAMMSR ranks a cold item by its text and image through the trained projections and experts, with the
   learned unknown-ID vector in place of its ID row, and again (from the same checkpoint) with an ID row from
-  its ``recommend.new_item_neighbours`` nearest warm items in content (`cammsr.model.new_items`), as
+  its ``recommend.new_item_neighbours`` nearest warm items in content (`cammsr.model.content_neighbours`), as
   `cammsr recommend` serves new items;
 - SASRec has only its ID table: every cold item gets the unknown-ID vector, an untrained row (zeros)
   unless item-ID dropout trained it, so all cold items score the same and sit together in the ranking;
@@ -40,8 +40,8 @@ from cammsr.data.splits import SplitData, load_splits
 from cammsr.evaluate.baselines import baseline_rankers, label
 from cammsr.evaluate.metrics import metrics_from_ranks
 from cammsr.evaluate.ranking import model_scores, rank_targets
+from cammsr.model.content_neighbours import NEIGHBOUR_TEMPERATURE, impute_new_item_ids
 from cammsr.model.io import load_checkpoint
-from cammsr.model.new_items import NEIGHBOUR_TEMPERATURE, impute_new_item_ids
 from cammsr.train.experiments import VARIANTS, feature_source, slug
 from cammsr.train.trainer import run_train
 

@@ -19,9 +19,11 @@ from cammsr.core.paths import CatalogPaths
 from cammsr.core.summary import StageSummary
 from cammsr.data.batches import bucketed_batches, pad_right, training_pairs
 from cammsr.data.splits import SplitData, load_splits
+from cammsr.evaluate.buckets import training_counts
 from cammsr.evaluate.metrics import metrics_from_ranks
 from cammsr.evaluate.ranking import model_scores, rank_targets
 from cammsr.model import CAMMSR
+from cammsr.model.content_neighbours import IdSmoother
 from cammsr.model.io import build_model, item_ids_sha256, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -220,6 +222,10 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
         live.end()
     if best_epoch < 0:
         raise RuntimeError(f"train[{name}]: no epoch ran (epochs={train.epochs}, resumed at {start_epoch})")
+    smoothing = None
+    if dist.main and train.id_smoothing and IdSmoother.applies(model):
+        smoothing = fit_id_smoothing(model, best_path, split, split_params.max_seq_len, evaluate, device,
+                                     train.id_smoothing)
 
     secs = [h.seconds for h in history]
     summary = StageSummary(
@@ -227,6 +233,8 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
         counts={"model": train.model, "modalities": ",".join(model.mods), "parameters": model.num_parameters(),
                 "epochs_run": len(history) + start_epoch, "best_epoch": best_epoch,
                 f"best_valid_{SELECT_METRIC}": round(best, 5),
+                **({"id_smoothing": smoothing[0], f"smoothed_valid_{SELECT_METRIC}": round(smoothing[1], 5)}
+                   if smoothing else {}),
                 "epoch_seconds": round(float(np.mean(secs)), 3) if secs else None,
                 "sequences_per_s": round(float(np.mean([h.sequences_per_s for h in history])), 1) if history else None,
                 "device": str(device), "precision": str(precision).removeprefix("torch."),
@@ -239,6 +247,29 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
+
+
+def fit_id_smoothing(model: CAMMSR, best_path, split: SplitData, max_len: int, evaluate: EvaluateParams,
+                     device: torch.device, lambdas: list[float]) -> tuple[float, float]:
+    """Pick the ID-row smoothing (`cammsr.model.content_neighbours.IdSmoother`) of the best checkpoint on
+    validation NDCG@10 among 0 and ``lambdas``; rewrite the checkpoint with the smoothed rows when one beats 0.
+    Returns (lambda, its validation NDCG@10)."""
+    ckpt = torch.load(best_path, map_location=device, weights_only=True)
+    model.load_state_dict(ckpt["state_dict"])
+    counts = torch.from_numpy(training_counts(split.train_sequences(), split.num_items))
+    smoother = IdSmoother(model, counts)
+    tried: dict[float, dict[str, float]] = {0.0: ckpt["valid"]}
+    for lam in sorted(set(lambdas)):
+        smoother.apply(lam)
+        tried[lam] = validate(model, split, max_len, evaluate, device)
+    lam = max(tried, key=lambda k: (tried[k][SELECT_METRIC], -k))  # ties: the smaller lambda
+    log.info("ID-row smoothing towards content neighbours, valid %s by lambda: %s -> %s", SELECT_METRIC,
+             " ".join(f"{k:g}:{v[SELECT_METRIC]:.4f}" for k, v in tried.items()), f"{lam:g}")
+    smoother.apply(lam)
+    if lam > 0:
+        extras = {k: v for k, v in ckpt.items() if k not in ("state_dict", "config", "valid")}
+        save_checkpoint(best_path, model, **extras, valid=tried[lam], valid_unsmoothed=ckpt["valid"], id_smoothing=lam)
+    return lam, tried[lam][SELECT_METRIC]
 
 
 def _save_last(path, model, opt, gen, epoch, best, best_epoch, bad_epochs) -> None:

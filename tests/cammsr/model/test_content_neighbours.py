@@ -2,7 +2,7 @@
 
 import torch
 
-from cammsr.model.new_items import impute_new_item_ids
+from cammsr.model.content_neighbours import IdSmoother, impute_new_item_ids, neighbour_rows
 from tests.cammsr.model.test_cammsr import N, make_model
 
 TRAINED = N - 4  # items 1..26 trained, 27..30 new
@@ -60,3 +60,31 @@ def test_items_without_shared_content_and_models_without_ids_or_content_are_left
     assert impute_new_item_ids(_new_items_model(use_text=False, use_image=False), TRAINED, neighbours=3) == 0
     assert impute_new_item_ids(_new_items_model(use_id=False), TRAINED, neighbours=3) == 0
     assert impute_new_item_ids(_new_items_model(), N, neighbours=3) == 0  # nothing new
+
+
+def test_smoothing_shrinks_rows_towards_their_neighbours_by_training_count():
+    model = make_model().eval()
+    table = model.id_emb.weight.detach().clone()
+    counts = torch.zeros(N + 1)
+    counts[1:] = torch.arange(1, N + 1) % 5  # items 5, 10, ... never seen in training: neighbours only
+    _copy_content(model, 12, 3)  # item 12's nearest neighbour is item 3 (cosine 1)
+    smoother = IdSmoother(model, counts, neighbours=1)
+    smoother.apply(2.0)
+    c = float(counts[12])
+    assert torch.allclose(model.id_emb.weight[12], (c * table[12] + 2.0 * table[3]) / (c + 2.0), atol=1e-6)
+    assert torch.equal(model.id_emb.weight[10], smoother.means[10])  # count 0: the neighbours' row
+    assert smoother.means[10].abs().sum() > 0 and counts[smoother.means.abs().sum(1) == 0].tolist() == [0.0]
+    assert torch.equal(model.id_emb.weight[0], table[0])  # padding untouched
+    smoother.apply(0.0)  # back to the trained rows
+    assert torch.equal(model.id_emb.weight, table)
+    smoother.apply(1e9)  # a huge lambda: every row is its neighbours' mean
+    assert torch.allclose(model.id_emb.weight[1:], smoother.means[1:], atol=1e-5)
+    # neighbours are items seen in training, never the item itself
+    _, found = neighbour_rows(model, torch.tensor([3]), counts > 0, 1)
+    assert found.all()
+    alone = torch.zeros(N + 1, dtype=torch.bool)
+    alone[3] = True
+    _, found = neighbour_rows(model, torch.tensor([3]), alone, 1)
+    assert not found.any()
+    assert IdSmoother.applies(model) and not IdSmoother.applies(make_model(use_id=False))
+    assert not IdSmoother.applies(make_model(use_text=False, use_image=False))
