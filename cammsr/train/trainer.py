@@ -255,6 +255,8 @@ def fit_id_smoothing(model: CAMMSR, best_path, split: SplitData, max_len: int, e
     validation NDCG@10 among 0 and ``lambdas``; rewrite the checkpoint with the smoothed rows when one beats 0.
     Returns (lambda, its validation NDCG@10)."""
     ckpt = torch.load(best_path, map_location=device, weights_only=True)
+    if "id_smoothing" in ckpt:  # smoothed already (a resumed run that had finished): not twice
+        return float(ckpt["id_smoothing"]), float(ckpt["valid"][SELECT_METRIC])
     model.load_state_dict(ckpt["state_dict"])
     counts = torch.from_numpy(training_counts(split.train_sequences(), split.num_items))
     smoother = IdSmoother(model, counts)

@@ -39,3 +39,63 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_catalog, tmp_path):
     assert a["epoch"] == b["epoch"] == 3
     for k, v in a["state_dict"].items():
         assert torch.allclose(v.float(), b["state_dict"][k].float()), k
+
+
+def _with_features(catalog) -> None:
+    """Random text and image stores for the tiny catalog's items, cut to its split."""
+    import numpy as np
+
+    from cammsr.data.split_features import run_split_features
+    from cammsr.data.splits import load_splits
+    from features.store import FeatureRows, write_rows
+
+    items = load_splits(catalog.splits_dir).item_ids
+    rng = np.random.default_rng(0)
+    for modality, dim in (("text", 8), ("image", 6)):
+        write_rows(catalog.feature_store(modality), FeatureRows(
+            items, ["x"] * len(items), rng.standard_normal((len(items), dim)).astype(np.float32), {}))
+    run_split_features("tiny", catalog)
+
+
+def test_id_smoothing_is_picked_on_validation_and_written_into_the_checkpoint(tiny_catalog, monkeypatch):
+    import cammsr.train.trainer as trainer
+
+    run_split("tiny", SplitParams(), tiny_catalog)
+    _with_features(tiny_catalog)
+    project = ProjectParams(seed=0, device="cpu")
+    params = TrainParams(model="cammsr", epochs=2, id_smoothing=[1.0, 4.0], **FAST)
+    s = run_train("tiny", params, SplitParams(), EvaluateParams(), project, tiny_catalog)
+    assert s.counts["id_smoothing"] in (0.0, 1.0, 4.0)
+    assert s.counts["smoothed_valid_ndcg@10"] >= s.counts["best_valid_ndcg@10"]  # 0 (off) is among the choices
+    off = run_train("tiny", params.model_copy(update={"id_smoothing": []}), SplitParams(), EvaluateParams(), project,
+                    tiny_catalog)
+    assert "id_smoothing" not in off.counts
+    trained = torch.load(tiny_catalog.checkpoint, weights_only=True)
+
+    # the choice and the rewrite, with validation scores scripted by lambda (4 wins)
+    real_validate = trainer.validate
+    scores = iter([0.30, 0.55])  # lambda 1, 4 (0 is the checkpoint's own valid)
+
+    def scripted(model, *args, **kwargs):
+        return {**real_validate(model, *args, **kwargs), "ndcg@10": next(scores)}
+
+    monkeypatch.setattr(trainer, "validate", scripted)
+    from cammsr.data.splits import load_splits
+    from cammsr.model.io import build_model
+
+    split = load_splits(tiny_catalog.splits_dir)
+    model = build_model(params, SplitParams(), split, tiny_catalog, 0)
+    lam, valid = trainer.fit_id_smoothing(model, tiny_catalog.checkpoint, split, 50, EvaluateParams(),
+                                          torch.device("cpu"), [4.0, 1.0])
+    assert (lam, valid) == (4.0, 0.55)
+    ckpt = torch.load(tiny_catalog.checkpoint, weights_only=True)
+    assert ckpt["id_smoothing"] == 4.0 and ckpt["valid"]["ndcg@10"] == 0.55
+    assert ckpt["valid_unsmoothed"] == trained["valid"] and ckpt["epoch"] == trained["epoch"]
+    assert not torch.equal(ckpt["state_dict"]["id_emb.weight"], trained["state_dict"]["id_emb.weight"])
+    others = [k for k in trained["state_dict"] if k != "id_emb.weight"]
+    assert all(torch.equal(ckpt["state_dict"][k], trained["state_dict"][k]) for k in others)
+    # a resumed run that had finished does not smooth its checkpoint twice
+    assert trainer.fit_id_smoothing(model, tiny_catalog.checkpoint, split, 50, EvaluateParams(),
+                                    torch.device("cpu"), [4.0, 1.0]) == (4.0, 0.55)
+    again = torch.load(tiny_catalog.checkpoint, weights_only=True)
+    assert torch.equal(again["state_dict"]["id_emb.weight"], ckpt["state_dict"]["id_emb.weight"])
