@@ -29,6 +29,21 @@ def write_tiny_catalog(root: Path, n_users: int = 120, n_items: int = 40, length
     return paths
 
 
+def write_random_features(paths: CatalogPaths, dims: tuple[tuple[str, int], ...] = (("text", 8), ("image", 6)),
+                          seed: int = 0) -> None:
+    """Random text and image stores for the items of the catalog's split, then the stores cut to the split."""
+    from cammsr.data.split_features import run_split_features
+    from cammsr.data.splits import load_splits
+    from features.store import FeatureRows, write_rows
+
+    items = load_splits(paths.splits_dir).item_ids
+    rng = np.random.default_rng(seed)
+    for modality, dim in dims:
+        write_rows(paths.feature_store(modality), FeatureRows(
+            items, ["x"] * len(items), rng.standard_normal((len(items), dim)).astype(np.float32), {}))
+    run_split_features(paths.root.name, paths)
+
+
 @pytest.fixture
 def tiny_catalog(tmp_path) -> CatalogPaths:
     return write_tiny_catalog(tmp_path)

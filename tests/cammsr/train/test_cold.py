@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from cammsr.core.config import Params, SplitParams
-from cammsr.data.split_features import run_split_features
-from cammsr.data.splits import SplitData, load_splits, run_split
+from cammsr.data.splits import SplitData, run_split
 from cammsr.train.cold import make_cold_split, run_cold_items
-from features.store import FeatureRows, write_rows
+from tests.cammsr.conftest import write_random_features
 
 IDS = ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j"]
 
@@ -46,12 +45,7 @@ def test_cold_items_leave_every_sequence_except_as_the_test_target():
 
 def test_run_cold_items_reports_cammsr_sasrec_and_popularity(tiny_catalog, tmp_path):
     run_split("tiny", SplitParams(), tiny_catalog)
-    items = load_splits(tiny_catalog.splits_dir).item_ids
-    rng = np.random.default_rng(0)
-    for modality, dim in (("text", 8), ("image", 6)):
-        write_rows(tiny_catalog.feature_store(modality), FeatureRows(
-            items, ["x"] * len(items), rng.standard_normal((len(items), dim)).astype(np.float32), {}))
-    run_split_features("tiny", tiny_catalog)
+    write_random_features(tiny_catalog)
     params = Params.model_validate({
         "catalogs": {"tiny": {"reviews": "file:unused"}}, "project": {"device": "cpu"},
         "train": {"hidden_size": 16, "num_layers": 1, "num_heads": 1, "ffn_size": 32, "batch_size": 64},

@@ -6,6 +6,7 @@ from cammsr.core.config import EvaluateParams, ProjectParams, SplitParams, Train
 from cammsr.data.splits import run_split
 from cammsr.evaluate.stage import run_evaluate
 from cammsr.train.trainer import run_train
+from tests.cammsr.conftest import write_random_features
 
 FAST = dict(hidden_size=16, num_layers=1, num_heads=1, ffn_size=32, dropout=0.1, lr=5e-3, batch_size=32,
             patience=50)
@@ -41,27 +42,11 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_catalog, tmp_path):
         assert torch.allclose(v.float(), b["state_dict"][k].float()), k
 
 
-def _with_features(catalog) -> None:
-    """Random text and image stores for the tiny catalog's items, cut to its split."""
-    import numpy as np
-
-    from cammsr.data.split_features import run_split_features
-    from cammsr.data.splits import load_splits
-    from features.store import FeatureRows, write_rows
-
-    items = load_splits(catalog.splits_dir).item_ids
-    rng = np.random.default_rng(0)
-    for modality, dim in (("text", 8), ("image", 6)):
-        write_rows(catalog.feature_store(modality), FeatureRows(
-            items, ["x"] * len(items), rng.standard_normal((len(items), dim)).astype(np.float32), {}))
-    run_split_features("tiny", catalog)
-
-
 def test_id_smoothing_is_picked_on_validation_and_written_into_the_checkpoint(tiny_catalog, monkeypatch):
     import cammsr.train.trainer as trainer
 
     run_split("tiny", SplitParams(), tiny_catalog)
-    _with_features(tiny_catalog)
+    write_random_features(tiny_catalog)
     project = ProjectParams(seed=0, device="cpu")
     params = TrainParams(model="cammsr", epochs=2, id_smoothing=[1.0, 4.0], **FAST)
     s = run_train("tiny", params, SplitParams(), EvaluateParams(), project, tiny_catalog)
