@@ -63,6 +63,8 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=50)
     ap.add_argument("--work-dir", required=True, help="RecBole writes log/, saved/ here")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--resume", type=Path, default=None,
+                    help="a checkpoint RecBole saved (saved/*.pth): continue training after its epoch")
     args = ap.parse_args()
 
     import torch
@@ -85,6 +87,7 @@ def main() -> None:
     from cammsr.evaluate.ranking import rank_targets
 
     work, data_path, out = (Path(p).resolve() for p in (args.work_dir, args.data_path, args.out))
+    resume = args.resume.resolve() if args.resume else None
     work.mkdir(parents=True, exist_ok=True)
     os.chdir(work)  # RecBole writes log/ and log_tensorboard/ into the working directory
     config = Config(model="SASRec", dataset=args.dataset, config_dict={
@@ -122,6 +125,10 @@ def main() -> None:
     test, valid = held_out(test_data), held_out(valid_data)
     model = SASRec(config, train_data.dataset).to(config["device"])
     trainer = Trainer(config, model)
+    resumed_from = None
+    if resume is not None:  # model, optimizer, epoch, patience counter and best score; not the RNG state
+        trainer.resume_checkpoint(resume)
+        resumed_from = trainer.start_epoch - 1
     train_log: list[dict] = []
     valid_log: list[dict] = []
     trainer._train_epoch = _timed(trainer._train_epoch, train_log)
@@ -152,6 +159,7 @@ def main() -> None:
         "torch": torch.__version__, "prep_s": prep_s,
         "train_targets": len(train_data.dataset), "test_users": len(test["users"]),
         "valid_users": len(valid["users"]), "steps_per_epoch": len(train_data),
+        "resumed_after_epoch": resumed_from,
         "epochs_run": len(train_log), "train_epochs": train_log, "valid_passes": valid_log, "test_pass": test_eval,
         "best_valid_ndcg@10": float(best_valid),
         "recbole_test": {k.lower(): float(v) for k, v in recbole_test.items()},
