@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--eval-batch-size", type=int, default=None, help="default: evaluate.batch_size")
     ap.add_argument("--run-dir", type=Path, required=True, help="models/, metrics of this run")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last epoch")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -76,7 +77,7 @@ def main() -> None:
     valid_log: list[dict] = []
     train_mod.train_epoch = _timed(train_mod.train_epoch, train_log)
     train_mod.validate = _timed(train_mod.validate, valid_log)
-    summary = train_mod.run_train(args.catalog, train, p.splits, evaluate, project, paths)
+    summary = train_mod.run_train(args.catalog, train, p.splits, evaluate, project, paths, resume=args.resume)
 
     split = load_splits(paths.splits_dir)
     inputs, _ = training_pairs(split.train_sequences(), p.splits.max_seq_len)
@@ -102,7 +103,7 @@ def main() -> None:
                                                       train.batch_targets))),
         "batch_size": args.batch_size, "batch_targets": args.batch_targets, "bucket_batches": train.bucket_batches,
         "eval_batch_size": evaluate.batch_size, "test_users": len(targets), "valid_users": len(targets),
-        "epochs_run": len(train_log), "best_epoch": int(ckpt.get("epoch", -1)),
+        "resumed": args.resume, "epochs_run": len(train_log), "best_epoch": int(ckpt.get("epoch", -1)),
         "train_epochs": train_log, "valid_passes": valid_log,
         "best_valid_ndcg@10": summary.counts.get("best_valid_ndcg@10"), "test": test,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

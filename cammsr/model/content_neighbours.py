@@ -8,7 +8,7 @@ softmax(cos / NEIGHBOUR_TEMPERATURE).
   out of it) is scored with the learned unknown-ID vector in place of an ID row: one vector for every such
   item, so their ID score term says nothing about them and they rank below the trained items. It gets the
   neighbours' mean instead (`recommend.new_item_neighbours`).
-- `smooth_id_rows`: an item seen c times in training has an ID row fitted on c examples. Each row is shrunk
+- `IdSmoother`: an item seen c times in training has an ID row fitted on c examples. Each row is shrunk
   towards its neighbours' mean, (c e + lambda m) / (c + lambda): rare items borrow from the items they look
   like, frequent ones keep their own; an item of the split never seen in training (only a valid or test
   target) takes the neighbours' mean. lambda is picked on validation after training (`train.id_smoothing`).

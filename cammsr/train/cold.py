@@ -144,6 +144,7 @@ def run_cold_variant(name: str, variant: str, seed: int, params: Params, paths: 
     digest = hashlib.sha256(run_key.encode()).hexdigest()[:10]
     run_paths = paths.for_run(out_dir / slug(variant) / f"seed{seed}-{digest}")
     device = pick_device(project.device)
+    model = None  # a fresh run's model, loaded once for both measurements
     if not run_paths.metrics.exists():
         run_train(name, train, params.splits, params.evaluate, project, run_paths, split=cold.train)
         model, ckpt = load_checkpoint(run_paths.checkpoint, cold.full, run_paths, map_location=device)
@@ -154,7 +155,8 @@ def run_cold_variant(name: str, variant: str, seed: int, params: Params, paths: 
     metrics = json.loads(run_paths.metrics.read_text())
     k = params.recommend.new_item_neighbours
     if k > 0 and metrics.get("neighbour_ids", {}).get("neighbours") != k:  # not yet measured with this k
-        model, _ = load_checkpoint(run_paths.checkpoint, cold.full, run_paths, map_location=device)
+        if model is None:
+            model, _ = load_checkpoint(run_paths.checkpoint, cold.full, run_paths, map_location=device)
         imputed = impute_new_item_ids(model, cold.num_warm, k)
         parts = _cold_metrics(model, cold, params, device) if imputed else {}
         metrics["neighbour_ids"] = {"neighbours": k, "imputed": imputed, **parts}
