@@ -174,10 +174,10 @@ class TrainParams(Section):
     lr: float = Field(default=1e-3, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     batch_size: int = Field(default=128, ge=1)
-    batch_targets: int | None = Field(default=512, ge=1)
+    batch_targets: int | None = Field(default=2048, ge=1)
     bucket_batches: int = Field(default=32, ge=1)
     windows: bool = True
-    epochs: int = Field(default=60, ge=1)
+    epochs: int = Field(default=100, ge=1)
     patience: int = Field(default=10, ge=1)
     use_id: bool = True
     use_text: bool = True

@@ -268,7 +268,8 @@ def run_experiments(name: str, params: Params, paths: CatalogPaths, seeds: list[
         f"Test metrics, full ranking over all items, leave-one-out, history "
         f"{'masked' if params.evaluate.mask_history else 'not masked'}; mean ± std over seeds {seeds}. "
         f"Model selection on validation NDCG@10 with patience {train.patience}, at most {train.epochs} epochs; "
-        f"batch {train.batch_size}, lr {train.lr}, d {train.hidden_size}. "
+        + (f"{train.batch_targets} targets per step" if train.batch_targets else f"batch {train.batch_size}")
+        + f", lr {train.lr}, d {train.hidden_size}. "
         f"Text features: {feature_source(params, name, 'text', paths)}; "
         f"image features: {feature_source(params, name, 'image', paths)}.", "",
         f"Tail: the {tail_users} test targets seen fewer than 5 times in training. "
