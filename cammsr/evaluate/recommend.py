@@ -41,10 +41,9 @@ from cammsr.core.digest import file_sha256
 from cammsr.core.malloc import tune_glibc_malloc
 from cammsr.core.paths import CatalogPaths
 from cammsr.core.summary import StageSummary
-from cammsr.data.batches import pad_right
 from cammsr.data.splits import SplitData, load_splits
 from cammsr.evaluate.ranking import model_scores, score_by_length
-from cammsr.evaluate.top_k import top_k
+from cammsr.evaluate.top_k import Exclusions, top_k
 from cammsr.model.content_neighbours import impute_new_item_ids
 from cammsr.model.io import load_checkpoint, whole_stores
 from features.store import read_rows
@@ -58,7 +57,7 @@ SCHEMA = pa.schema([
     pa.field("score", pa.float32(), nullable=False),
 ])
 MAX_LISTED_UNKNOWN = 100  # unknown user ids listed in the summary; the rest are counted
-SCORE_ROWS = 256  # users per score matmul: each [256, N+1] block is selected from while it is in cache
+SCORE_ROWS = 64  # users per score matmul: each [64, N+1] block is selected from while it is in cache
 
 
 @dataclass
@@ -176,6 +175,7 @@ def run_recommend(name: str, params: RecommendParams, paths: CatalogPaths, devic
         "exclude_seen": str(params.exclude_seen).lower(), "items_ranked": str(served.num_items),
         "new_items": str(len(extra.item_ids)),
     }
+    seen = Exclusions.of(split.sequences) if params.exclude_seen else None  # whole sequences, not the last max_len
     written = 0
     clock = {"score": 0.0, "select": 0.0, "write": 0.0}  # where the loop's time goes
     t_rank = time.perf_counter()
@@ -196,10 +196,7 @@ def run_recommend(name: str, params: RecommendParams, paths: CatalogPaths, devic
                 scores = h[sub:sub + SCORE_ROWS] @ items.T  # [b, N+1]
                 t, clock["score"] = time.perf_counter(), clock["score"] + time.perf_counter() - t
                 scores[:, 0] = float("-inf")
-                if params.exclude_seen:  # the whole sequence, not only the last max_len items
-                    seen = pad_right([split.sequences[u] for u in batch[sub:sub + SCORE_ROWS]]).to(dev)
-                    scores.scatter_(1, seen, float("-inf"))
-                parts.append(top_k(scores, k))
+                parts.append(top_k(scores, k, seen.take(batch[sub:sub + SCORE_ROWS]) if seen else None))
                 clock["select"] += time.perf_counter() - t
             t = time.perf_counter()
             values, cols = (np.concatenate([p[i] for p in parts]) for i in (0, 1))

@@ -1,7 +1,9 @@
 """Exact top-k items per user over a block of float32 scores, grouped.
 
-One max over groups of GROUP columns, a top-k over the group maxima, one over the chosen groups' entries:
-~1.6x faster than a top-k over all columns. Measured and not kept: a bfloat16 score matmul with an exact
+One max over groups of GROUP columns, then only the groups that can hold a row's k best entries are read:
+on the CPU by a compiled pass per row (`cammsr.evaluate.row_select`), elsewhere by a top-k over the group
+maxima and one over the chosen groups' entries (~1.6x faster than a top-k over all columns). Measured and
+not kept: a bfloat16 score matmul with an exact
 float64 recheck of each user's best candidates; candidates from the bfloat16 sign test of
 `cammsr.evaluate.exact_bf16` against a bar set by the most frequent items (a few users with thousands of
 candidates cost more than the matmul saves); numpy's introselect for the two selections (faster on one
@@ -10,10 +12,15 @@ thread, not on two, where `torch.topk` runs on both).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
+from cammsr.data.batches import pad_right
 from cammsr.evaluate.metrics import NonFiniteScoresError
+from cammsr.evaluate.row_select import exclude_columns, top_k_from_groups
 
 GROUP = 32  # columns per group in the grouped top-k (16 and 128 measured slower)
 
@@ -33,6 +40,8 @@ def _group_maxima(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int
     B, N = scores.shape
     M = N // GROUP * GROUP
     group_max = scores[:, :M].view(B, M // GROUP, GROUP).amax(dim=2)  # [B, G]
+    if M == 0:
+        return group_max, scores.amax(dim=1), M
     row_max = group_max.amax(dim=1)
     if M < N:
         row_max = torch.maximum(row_max, scores[:, M:].amax(dim=1))
@@ -73,13 +82,49 @@ def best_first(values: torch.Tensor, cols: torch.Tensor) -> tuple[np.ndarray, np
     return np.take_along_axis(values, order, 1), np.take_along_axis(cols, order, 1)
 
 
-def top_k(scores: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class Exclusions:
+    """Columns to leave out per row, as one flat array: row r's are ``flat[start[r]:stop[r]]``."""
+
+    flat: np.ndarray  # int64 [E]
+    start: np.ndarray  # int64 [R]
+    stop: np.ndarray  # int64 [R]
+
+    @classmethod
+    def of(cls, rows: Sequence[np.ndarray]) -> Exclusions:
+        """One row per array of ``rows`` (e.g. each user's whole sequence of item indices)."""
+        stop = np.cumsum([len(r) for r in rows], dtype=np.int64)
+        flat = np.concatenate(rows).astype(np.int64, copy=False) if len(rows) else np.zeros(0, np.int64)
+        return cls(flat, stop - np.array([len(r) for r in rows], dtype=np.int64), stop)
+
+    def take(self, rows: np.ndarray) -> Exclusions:
+        """The exclusions of ``rows``, in that order (the flat array is shared, not copied)."""
+        return Exclusions(self.flat, self.start[rows], self.stop[rows])
+
+    def padded(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The rows' columns as a LongTensor [R, L] padded with column 0."""
+        return pad_right([self.flat[a:b] for a, b in zip(self.start, self.stop, strict=True)]
+                         ).to(device)
+
+
+def top_k(scores: torch.Tensor, k: int, exclude: Exclusions | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best columns of each row of float32 ``scores`` [B, N+1] (excluded items at -inf): scores
-    [B, k] and columns [B, k], best first, equal scores by lower column (item index).
+    [B, k] and columns [B, k], best first, equal scores by lower column (item index). The columns
+    ``exclude`` lists per row are set to -inf first, in place.
 
     Raises:
         NonFiniteScoresError: a row holds NaN or +inf (-inf is allowed: padding and excluded items).
     """
-    values, cols, row_max = top_k_columns(scores, min(k, scores.shape[1]))
+    k = min(k, scores.shape[1])
+    if scores.device.type != "cpu":
+        if exclude is not None:
+            scores.scatter_(1, exclude.padded(scores.device), float("-inf"))
+        values, cols, row_max = top_k_columns(scores, k)
+        check_row_max(row_max)
+        return best_first(values, cols)
+    scores = scores.float().contiguous()
+    if exclude is not None:
+        exclude_columns(scores.numpy(), exclude.flat, exclude.start, exclude.stop)
+    group_max, row_max, _ = _group_maxima(scores)
     check_row_max(row_max)
-    return best_first(values, cols)
+    return top_k_from_groups(scores.numpy(), group_max.numpy(), GROUP, k)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cammsr.evaluate.metrics import NonFiniteScoresError
-from cammsr.evaluate.top_k import GROUP, top_k, top_k_columns
+from cammsr.evaluate.top_k import GROUP, Exclusions, best_first, top_k, top_k_columns
 
 
 def test_a_nan_score_stops_recommendation():
@@ -51,3 +53,49 @@ def test_grouped_top_k_returns_exactly_the_k_best_values(n):
     with pytest.raises(NonFiniteScoresError, match=r"batch rows \[9\]"):
         top_k(broken, 5)
 
+
+
+def reference_top_k(scores: np.ndarray, k: int, excluded: list[list[int]]) -> list[list[tuple[float, int]]]:
+    """Per row, the k best (score, column) pairs above -inf, best first, equal scores by lower column."""
+    out = []
+    for row, cut in zip(scores.tolist(), excluded, strict=True):
+        pairs = sorted((-x, j) for j, x in enumerate(row) if j not in cut and x != float("-inf"))[:k]
+        out.append([(-x, j) for x, j in pairs])
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 8), st.integers(1, 200), st.integers(1, 25), st.integers(0, 2**31 - 1))
+def test_top_k_with_exclusions_equals_a_sort_and_keeps_the_lower_column_on_ties(rows, n, k, seed):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(-5, 6, (rows, n)).astype(np.float32)  # few values: ties everywhere, at the k-th too
+    scores[rng.random((rows, n)) < 0.1] = -np.inf
+    excluded = [sorted(set(rng.integers(0, n, rng.integers(0, 6)).tolist())) for _ in range(rows)]
+    expected = reference_top_k(scores, k, excluded)
+    values, cols = top_k(torch.from_numpy(scores.copy()), k, Exclusions.of([np.array(e) for e in excluded]))
+    for row in range(rows):
+        got = [(float(v), int(c)) for v, c in zip(values[row], cols[row], strict=True) if np.isfinite(v)]
+        assert got == expected[row]
+
+
+def test_exclusions_leave_seen_items_out_and_reject_columns_outside_the_row():
+    scores = torch.tensor([[9.0, 8.0, 7.0, 6.0], [1.0, 2.0, 3.0, 4.0]])
+    seen = Exclusions.of([np.array([0, 2]), np.array([3])])
+    values, cols = top_k(scores.clone(), 2, seen)
+    assert cols.tolist() == [[1, 3], [2, 1]] and values.tolist() == [[8.0, 6.0], [3.0, 2.0]]
+    values, cols = top_k(scores.clone(), 2, seen.take(np.array([1, 1])))  # rows picked and repeated
+    assert cols.tolist() == [[0, 1], [2, 1]]
+    with pytest.raises(ValueError, match=r"outside 0..3 in rows \[1\]"):
+        top_k(scores.clone(), 2, Exclusions.of([np.array([1]), np.array([4])]))
+
+
+def test_the_compiled_selection_matches_the_torch_path():
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(50, 3000, generator=gen)
+    scores[:, 0] = float("-inf")
+    seen = Exclusions.of([np.arange(1, 1 + i) for i in range(50)])
+    v_cpu, c_cpu = top_k(scores.clone(), 20, seen)
+    plain = scores.clone().scatter_(1, seen.padded(), float("-inf"))
+    values, cols, _ = top_k_columns(plain, 20)
+    v_ref, c_ref = best_first(values, cols)
+    assert np.array_equal(c_cpu, c_ref) and np.array_equal(v_cpu, v_ref)
