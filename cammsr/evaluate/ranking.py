@@ -39,12 +39,13 @@ class FactoredScores:
 
 
 def model_scores(model) -> FactoredScores:
-    """A trained `cammsr.model.CAMMSR` (in eval mode) as `FactoredScores`: its item tables are projected once
-    for the whole ranking pass, not once per batch of users."""
+    """A trained `cammsr.model.CAMMSR` (in eval mode) as `FactoredScores`: its item tables, and in eval mode
+    every item's CAMoE output, are computed once for the whole ranking pass, not once per batch of users."""
     with torch.no_grad():
         tables = model.item_tables()
         items = model.score_table(tables).float()  # [N+1, M*d]
-    return FactoredScores(lambda seq, lengths: model.user_vectors(seq, lengths, tables), items)
+        refined = None if model.training else model.refined_tables(tables)
+    return FactoredScores(lambda seq, lengths: model.user_vectors(seq, lengths, tables, refined), items)
 
 
 def rank_targets(score_fn: ScoreFn, histories: Sequence[np.ndarray], targets: np.ndarray,

@@ -57,7 +57,7 @@ SCHEMA = pa.schema([
     pa.field("score", pa.float32(), nullable=False),
 ])
 MAX_LISTED_UNKNOWN = 100  # unknown user ids listed in the summary; the rest are counted
-SCORE_ROWS = 64  # users per score matmul: each [64, N+1] block is selected from while it is in cache
+BLOCK_SCORES = 1 << 20  # scores per matmul block (4 MiB of float32): selected from while in cache
 
 
 @dataclass
@@ -191,12 +191,13 @@ def run_recommend(name: str, params: RecommendParams, paths: CatalogPaths, devic
                                 dev).float()  # [B, D]
             clock["score"] += time.perf_counter() - t
             parts = []
-            for sub in range(0, len(batch), SCORE_ROWS):  # a block's scores are selected from while in cache
+            rows_per_block = max(64, BLOCK_SCORES // len(items))
+            for sub in range(0, len(batch), rows_per_block):  # a block's scores are selected from while in cache
                 t = time.perf_counter()
-                scores = h[sub:sub + SCORE_ROWS] @ items.T  # [b, N+1]
+                scores = h[sub:sub + rows_per_block] @ items.T  # [b, N+1]
                 t, clock["score"] = time.perf_counter(), clock["score"] + time.perf_counter() - t
                 scores[:, 0] = float("-inf")
-                parts.append(top_k(scores, k, seen.take(batch[sub:sub + SCORE_ROWS]) if seen else None))
+                parts.append(top_k(scores, k, seen.take(batch[sub:sub + rows_per_block]) if seen else None))
                 clock["select"] += time.perf_counter() - t
             t = time.perf_counter()
             values, cols = (np.concatenate([p[i] for p in parts]) for i in (0, 1))

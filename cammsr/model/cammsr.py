@@ -140,16 +140,19 @@ class ModelOutput:
         swap_views: FloatTensor [2, B, L, d] the encoded modality-swap views (text-based, image-based),
             [2, B, 1, d] when encoded only at one position (``swap_last``), or None (not training,
             swap-CL off, or text or image inactive).
-        cat_logits: FloatTensor [M, U, C] each modality's category logits, or None without guidance.
-        unique_items: LongTensor [U] the batch's sorted unique item indices (0 when there is padding).
-        weights: FloatTensor [U, M] the modality weights w_m of those items ([U, 1] ones without CAMoE).
+        cat_logits: FloatTensor [M, U, C] each modality's category logits, or None without guidance (or
+            from `refined_tables`).
+        unique_items: LongTensor [U] the batch's sorted unique item indices (0 when there is padding), or None
+            (from `refined_tables`).
+        weights: FloatTensor [U, M] the modality weights w_m of those items ([U, 1] ones without CAMoE), or
+            None (from `refined_tables`).
     """
 
     z: torch.Tensor
     swap_views: torch.Tensor | None
     cat_logits: torch.Tensor | None
-    unique_items: torch.Tensor
-    weights: torch.Tensor
+    unique_items: torch.Tensor | None
+    weights: torch.Tensor | None
 
 
 class FrozenFeatures(nn.Module):
@@ -443,6 +446,22 @@ class CAMMSR(nn.Module):
         cat = self.item_category[items].clamp(min=0)  # [U]
         return logits.log_softmax(-1).gather(2, cat[None, :, None].expand(M, -1, 1)).squeeze(2)  # [M, U]
 
+    @torch.no_grad()
+    def refined_tables(self, tables: dict[str, torch.Tensor] | None = None, chunk: int = 65536
+                       ) -> dict[str, torch.Tensor]:
+        """ē_m of every item, each [N+1, d], in eval mode (``tables``: `item_tables`, when computed).
+
+        CAMoE is a function of the item alone, so a ranking pass computes it once for every item (in
+        chunks of ``chunk`` items) and looks the users' items up, instead of computing it per batch for the
+        batch's items: on toys most items recur in every batch of 1,024 users.
+        """
+        if self.training:
+            raise RuntimeError("refined_tables: eval mode only (training computes CAMoE per batch, with dropout)")
+        n = self.cfg.num_items + 1
+        ids = torch.arange(n, device=self.pos_emb.weight.device)
+        parts = [self.camoe(ids[i:i + chunk], tables)[0] for i in range(0, n, chunk)]
+        return {m: torch.cat([p[m] for p in parts]) if len(parts) > 1 else parts[0][m] for m in self.mods}
+
     # ---- 3. modality swap ----------------------------------------------------------------------
     def swap_views(self, seq: torch.Tensor, text: torch.Tensor, image: torch.Tensor) -> list[torch.Tensor]:
         """Exchange the text and image items at random non-padding positions (probability swap_prob).
@@ -505,8 +524,8 @@ class CAMMSR(nn.Module):
         return self.encode_views(seq)
 
     def encode_views(self, seq: torch.Tensor, last: torch.Tensor | None = None,
-                     tables: dict[str, torch.Tensor] | None = None, swap_last: torch.Tensor | None = None
-                     ) -> ModelOutput:
+                     tables: dict[str, torch.Tensor] | None = None, swap_last: torch.Tensor | None = None,
+                     refined: dict[str, torch.Tensor] | None = None) -> ModelOutput:
         """Items -> CAMoE -> (swap views when training) -> encoder, for a batch of sequences.
 
         Args:
@@ -515,20 +534,30 @@ class CAMMSR(nn.Module):
             tables: `item_tables`, when the caller needs them too (the score table).
             swap_last: LongTensor [B]: compute the swap views only at that position ([2, B, 1, d]): the
                 contrastive loss reads one position, so their final block runs on one query.
+            refined: `refined_tables` (eval mode): every item's CAMoE output, looked up instead of computed
+                for the batch's items; the output then has no category logits, weights or unique items.
 
         Raises:
             TypeError, ValueError: ``seq`` is not a 2-D LongTensor of at most max_seq_len positions, or
                 (for a CPU tensor; checking on a GPU would cost a sync per step) holds an index outside 0..N.
         """
         check_seq(seq, self.cfg.max_seq_len)
-        items, inverse = torch.unique(seq, return_inverse=True)  # [U], [B, L]
-        check_items(items, self.cfg.num_items)  # sorted: its ends are the smallest and largest index
-        refined, w, cat_logits = self.camoe(items, tables)  # each [U, d]
-        views = [refined[m][inverse] for m in self.mods]  # M x [B, L, d]
+        if refined is not None:
+            if self.training:
+                raise RuntimeError("refined tables are for eval mode: training computes CAMoE per batch")
+            if seq.device.type == "cpu" and seq.numel():
+                check_items(torch.stack([seq.min(), seq.max()]), self.cfg.num_items)
+            views = [refined[m][seq] for m in self.mods]  # M x [B, L, d]
+            items, w, cat_logits = None, None, None
+        else:
+            items, inverse = torch.unique(seq, return_inverse=True)  # [U], [B, L]
+            check_items(items, self.cfg.num_items)  # sorted: its ends are the smallest and largest index
+            refined, w, cat_logits = self.camoe(items, tables)  # each [U, d]
+            views = [refined[m][inverse] for m in self.mods]  # M x [B, L, d]
         norms = list(self.mods)
         swapped = self.training and self.cfg.swap_cl and {"text", "image"} <= set(self.mods)
         if swapped:  # each view keeps the input norm of the modality it starts from
-            views += self.swap_views(seq, refined["text"][inverse], refined["image"][inverse])  # 2 x [B, L, d]
+            views += self.swap_views(seq, views[self.mods.index("text")], views[self.mods.index("image")])
             norms += ["text", "image"]
         M = len(self.mods)
         if last is None and swapped and swap_last is not None:  # main views everywhere, swap views at one position
@@ -583,12 +612,14 @@ class CAMMSR(nn.Module):
 
     @torch.no_grad()
     def user_vectors(self, seq: torch.Tensor, lengths: torch.Tensor,
-                     tables: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                     tables: dict[str, torch.Tensor] | None = None,
+                     refined: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Each user's concatenated Z_m after its last position, the vector scored against `score_table`:
-        seq [B, L], lengths [B] -> [B, M*d] (``tables``: `item_tables`, when already computed)."""
+        seq [B, L], lengths [B] -> [B, M*d] (``tables``: `item_tables`, ``refined``: `refined_tables`, when
+        already computed)."""
         check_seq(seq, self.cfg.max_seq_len)
         check_lengths(lengths, seq)
-        z = self.encode_views(seq, last=lengths - 1, tables=tables).z  # [M, B, 1, d]: only the last position
+        z = self.encode_views(seq, last=lengths - 1, tables=tables, refined=refined).z  # [M, B, 1, d]: last only
         return z[:, :, 0].permute(1, 0, 2).flatten(1)  # [B, M*d]
 
     def loss(self, seq: torch.Tensor, targets: torch.Tensor, normalizer: float | None = None

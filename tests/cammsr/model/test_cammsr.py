@@ -101,6 +101,23 @@ def test_score_last_computes_only_the_last_position_yet_equals_the_full_pass(ove
     assert torch.allclose(model.score_last(seq, lengths), full, atol=1e-5)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"weight_mode": "learned"}, {"num_experts": 0},
+                                       {"use_text": False, "use_image": False}])
+def test_refined_tables_give_the_user_vectors_of_the_per_batch_camoe(overrides):
+    model = make_model(**overrides).eval()
+    seq = torch.tensor([[1, 2, 3, 5, 7, 6], [4, 9, 0, 0, 0, 0], [30, 0, 0, 0, 0, 0], [8, 3, 2, 1, 0, 0]])
+    lengths = torch.tensor([6, 2, 1, 4])
+    tables = model.item_tables()
+    refined = model.refined_tables(tables, chunk=7)  # chunks: 31 items in 5 pieces
+    assert all(t.shape == (N + 1, 16) for t in refined.values())
+    per_batch = model.user_vectors(seq, lengths, tables)
+    assert torch.allclose(model.user_vectors(seq, lengths, tables, refined), per_batch, atol=1e-6)
+    with pytest.raises(ValueError, match="0..30"):
+        model.user_vectors(torch.tensor([[31, 0]]), torch.tensor([1]), tables, refined)
+    with pytest.raises(RuntimeError, match="eval mode"):
+        model.train().refined_tables()
+
+
 def test_loss_parts_and_backward():
     model = make_model(swap_prob=0.5).train()
     seq = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
