@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cammsr.core.malloc import release_free_memory
 from cammsr.data.batches import pad_right
 from cammsr.evaluate.exact_bf16 import ExactBF16Ranker
 from cammsr.evaluate.metrics import target_ranks
@@ -91,6 +92,7 @@ def rank_targets_by_protocol(score_fn: ScoreFn, histories: Sequence[np.ndarray],
                 scores.scatter_(1, seq, float("-inf"))
                 scores.scatter_(1, tgt[:, None], keep)
             ranks[mask][idx] = target_ranks(scores, tgt).cpu().numpy()
+    release_free_memory()  # what the pass freed, so the next phase does not start from its high-water mark
     return ranks
 
 

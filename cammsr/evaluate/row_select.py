@@ -1,7 +1,4 @@
-"""Compiled (numba) passes over the rows of a score block on the CPU: recommend's exact top-k and
-evaluation's sign classification.
-
-**Top-k** (`top_k_from_groups`), per row of a float32 score block, from its group maxima.
+"""Recommend's exact top-k per row of a float32 score block from its group maxima, compiled (numba), on the CPU.
 
 `cammsr.evaluate.top_k` takes the maxima of groups of GROUP columns (one vectorised pass). A row's k best
 entries lie in the groups whose maximum is at least the k-th largest group maximum g_k: k distinct groups, so
@@ -16,10 +13,6 @@ The scores must be finite or -inf (excluded items): the caller checks the row ma
 
 `exclude_columns` sets each user's seen items to -inf from one flat array of all sequences (a padded index
 tensor and a ``scatter_`` per block cost as much as the selection itself on toys).
-
-**Classification** (`classify_bits`), for `cammsr.evaluate.exact_bf16`: per row of bfloat16 outputs (as int16
-bits), the count above the row's bound and the columns within it, in one pass (the count loop is vectorised;
-a block of 64 columns is scanned again only when it holds a near entry).
 """
 
 from __future__ import annotations
@@ -123,63 +116,3 @@ def top_k_from_groups(scores: np.ndarray, group_max: np.ndarray, group: int, k: 
         _top_k_from_groups(np.ascontiguousarray(scores), np.ascontiguousarray(group_max), group, k, values, cols)
     return values, cols
 
-
-NEAR_CAP = 64  # near entries kept per row in the first pass; a row with more is scanned again
-
-
-@numba.njit(parallel=True, nogil=True, cache=True)
-def _classify(o16: np.ndarray, tau: np.ndarray, above: np.ndarray, near: np.ndarray, near_cols: np.ndarray
-              ) -> None:  # pragma: no cover - compiled
-    B, N = o16.shape
-    cap = near_cols.shape[1]
-    for b in numba.prange(B):
-        t = tau[b]
-        a = np.int32(0)
-        n = 0
-        for j0 in range(0, N, 64):
-            j1 = min(j0 + 64, N)
-            c = np.int32(0)
-            for j in range(j0, j1):  # vectorised: above tau, and |entry| <= tau
-                x = o16[b, j]
-                if x > t:
-                    a += np.int32(1)
-                if (x & np.int16(0x7FFF)) <= t:
-                    c += np.int32(1)
-            if c:
-                for j in range(j0, j1):
-                    if (o16[b, j] & np.int16(0x7FFF)) <= t:
-                        if n < cap:
-                            near_cols[b, n] = j
-                        n += 1
-        above[b] = a
-        near[b] = n
-
-
-@numba.njit(nogil=True, cache=True)
-def _near_columns(o16: np.ndarray, tau: np.ndarray, row: int, out: np.ndarray) -> None:  # pragma: no cover
-    n = 0
-    for j in range(o16.shape[1]):
-        if (o16[row, j] & 0x7FFF) <= tau[row]:
-            out[n] = j
-            n += 1
-
-
-def classify_bits(o16: np.ndarray, tau: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per row of the bfloat16 bits ``o16`` (int16 [B, N]): how many entries are > tau[b] (int16 bits of the
-    row's positive bound; a negative bfloat16 is a negative int16, so the compare orders them), and the (row,
-    column) pairs whose magnitude is <= tau[b]: ([B], [P], [P]) int64. One pass over each row."""
-    B = len(o16)
-    above = np.empty(B, np.int64)
-    near = np.empty(B, np.int64)
-    near_cols = np.empty((B, NEAR_CAP), np.int64)
-    _match_torch_threads()
-    _classify(np.ascontiguousarray(o16), tau.astype(np.int16), above, near, near_cols)
-    rows = np.repeat(np.arange(B, dtype=np.int64), near)
-    cols = np.empty(int(near.sum()), np.int64)
-    start = np.concatenate([[0], np.cumsum(near)])
-    for b in np.flatnonzero(near):
-        if near[b] <= NEAR_CAP:
-            cols[start[b]:start[b + 1]] = near_cols[b, :near[b]]
-        else:
-            _near_columns(o16, tau.astype(np.int16), int(b), cols[start[b]:start[b + 1]])
-    return above, rows, cols

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from cammsr.data.batches import pad_right
 from cammsr.evaluate.metrics import NonFiniteScoresError
-from cammsr.evaluate.row_select import exclude_columns, top_k_from_groups
 
 GROUP = 32  # columns per group in the grouped top-k (16 and 128 measured slower)
 
@@ -101,10 +99,18 @@ class Exclusions:
         """The exclusions of ``rows``, in that order (the flat array is shared, not copied)."""
         return Exclusions(self.flat, self.start[rows], self.stop[rows])
 
-    def padded(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The rows' columns as a LongTensor [R, L] padded with column 0."""
-        return pad_right([self.flat[a:b] for a, b in zip(self.start, self.stop, strict=True)]
-                         ).to(device)
+    def positions(self, width: int) -> np.ndarray:
+        """The listed entries as flat positions in a C-ordered [R, width] block (int64 [E']).
+
+        Raises:
+            ValueError: a listed column is outside 0..width-1.
+        """
+        counts = self.stop - self.start
+        cols = self.flat[np.repeat(self.stop - np.cumsum(counts), counts) + np.arange(int(counts.sum()))
+                         ] if len(counts) else np.zeros(0, np.int64)
+        if len(cols) and (cols.min() < 0 or cols.max() >= width):
+            raise ValueError(f"excluded columns outside 0..{width - 1}")
+        return np.repeat(np.arange(len(counts), dtype=np.int64) * width, counts) + cols
 
 
 def top_k(scores: torch.Tensor, k: int, exclude: Exclusions | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -118,10 +124,14 @@ def top_k(scores: torch.Tensor, k: int, exclude: Exclusions | None = None) -> tu
     k = min(k, scores.shape[1])
     if scores.device.type != "cpu":
         if exclude is not None:
-            scores.scatter_(1, exclude.padded(scores.device), float("-inf"))
+            where = torch.from_numpy(exclude.positions(scores.shape[1])).to(scores.device)
+            scores.view(-1).index_fill_(0, where, float("-inf"))
         values, cols, row_max = top_k_columns(scores, k)
         check_row_max(row_max)
         return best_first(values, cols)
+    # numba (llvmlite) costs ~160 MB of resident memory once imported: only a process that recommends pays it
+    from cammsr.evaluate.row_select import exclude_columns, top_k_from_groups
+
     scores = scores.float().contiguous()
     if exclude is not None:
         exclude_columns(scores.numpy(), exclude.flat, exclude.start, exclude.stop)

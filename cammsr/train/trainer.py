@@ -14,7 +14,7 @@ from tqdm import tqdm
 from cammsr.core.atomic import atomic_path
 from cammsr.core.config import EvaluateParams, ProjectParams, SplitParams, TrainParams
 from cammsr.core.device import pick_device, resolve_precision
-from cammsr.core.malloc import tune_glibc_malloc
+from cammsr.core.malloc import release_free_memory, tune_glibc_malloc
 from cammsr.core.paths import CatalogPaths
 from cammsr.core.summary import StageSummary
 from cammsr.data.batches import bucketed_batches, pad_right, training_pairs
@@ -23,6 +23,7 @@ from cammsr.evaluate.buckets import training_counts
 from cammsr.evaluate.metrics import metrics_from_ranks
 from cammsr.evaluate.ranking import model_scores, rank_targets
 from cammsr.model import CAMMSR
+from cammsr.model.chunked_ce import release_workspace
 from cammsr.model.content_neighbours import IdSmoother
 from cammsr.model.io import build_model, item_ids_sha256, save_checkpoint
 
@@ -188,6 +189,7 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
                            dist=dist, batch_targets=train.batch_targets, bucket_batches=train.bucket_batches,
                            precision=precision)
         train_s = time.perf_counter() - te
+        release_free_memory()  # the epoch's fragmented heap, before the ranking pass
         valid = validate(model, split, split_params.max_seq_len, evaluate, device)
         weights = weight_stats(model, device)
         res = EpochResult(epoch, loss, valid, train_s, len(inputs) / max(train_s, 1e-9))
@@ -220,6 +222,8 @@ def run_train(name: str, train: TrainParams, split_params: SplitParams, evaluate
             break
     if live is not None:
         live.end()
+    release_workspace()  # the CE's score blocks: not needed by what follows (smoothing, the caller's ranking)
+    release_free_memory()
     if best_epoch < 0:
         raise RuntimeError(f"train[{name}]: no epoch ran (epochs={train.epochs}, resumed at {start_epoch})")
     smoothing = None

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cammsr.model.chunked_ce import chunked_softmax_ce
+from cammsr.model.chunked_ce import block_workspace, chunked_softmax_ce, release_workspace
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64])
@@ -87,3 +87,24 @@ def test_bfloat16_blocks_padded_to_a_row_quantum_leave_the_result_unchanged(monk
     assert padded[1].shape == (45, 32)
     assert torch.allclose(padded[0], plain[0], rtol=1e-5)  # no -log(1/N) of a padding row in the sum
     assert _rel(padded[1], plain[1]) < 1e-3 and _rel(padded[2], plain[2]) < 1e-3
+
+
+def test_the_score_blocks_are_reused_between_calls_and_released_on_request():
+    gen = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 8, generator=gen, requires_grad=True)
+    h = torch.randn(30, 8, generator=gen, requires_grad=True)
+    targets = torch.randint(0, 50, (30,), generator=gen)
+    release_workspace()
+    first = chunked_softmax_ce(h, table, targets, chunk=16)
+    first.backward()
+    grads = h.grad.clone(), table.grad.clone()
+    kept = block_workspace(h.device, torch.float32, 16, 50)[0].data_ptr()
+    h.grad, table.grad = None, None
+    again = chunked_softmax_ce(h, table, targets, chunk=16)  # the same blocks, overwritten
+    again.backward()
+    assert block_workspace(h.device, torch.float32, 16, 50)[0].data_ptr() == kept
+    assert torch.equal(again, first) and torch.equal(h.grad, grads[0]) and torch.equal(table.grad, grads[1])
+    dense = F.cross_entropy(h @ table.T, targets, reduction="sum")
+    assert torch.allclose(first, dense, rtol=1e-5)
+    release_workspace()
+    assert block_workspace(h.device, torch.float32, 1, 1)[0].numel() == 1  # a new, smaller one
