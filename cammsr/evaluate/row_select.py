@@ -116,3 +116,10 @@ def top_k_from_groups(scores: np.ndarray, group_max: np.ndarray, group: int, k: 
         _top_k_from_groups(np.ascontiguousarray(scores), np.ascontiguousarray(group_max), group, k, values, cols)
     return values, cols
 
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the kernels on a tiny block, so that a timed loop does not
+    include it (~3 s the first time after installing, then well under a second)."""
+    scores = np.zeros((1, 40), np.float32)
+    exclude_columns(scores, np.zeros(1, np.int64), np.zeros(1, np.int64), np.ones(1, np.int64))
+    top_k_from_groups(scores, np.zeros((1, 1), np.float32), 32, 1)
