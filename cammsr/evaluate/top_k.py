@@ -113,22 +113,32 @@ class Exclusions:
         return np.repeat(np.arange(len(counts), dtype=np.int64) * width, counts) + cols
 
 
-def top_k(scores: torch.Tensor, k: int, exclude: Exclusions | None = None) -> tuple[np.ndarray, np.ndarray]:
+def top_k(scores: torch.Tensor, k: int, exclude: Exclusions | None = None, compiled: bool | None = None
+          ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best columns of each row of float32 ``scores`` [B, N+1] (excluded items at -inf): scores
     [B, k] and columns [B, k], best first, equal scores by lower column (item index). The columns
     ``exclude`` lists per row are set to -inf first, in place.
+
+    ``compiled``: the compiled per-row pass (`cammsr.evaluate.row_select`; CPU only) or the torch one (any
+    device: a top-k over the group maxima, then over the chosen groups); default: compiled on the CPU. They
+    differ only in which of several entries tied at the k-th value is kept (compiled: the lower column).
 
     Raises:
         NonFiniteScoresError: a row holds NaN or +inf (-inf is allowed: padding and excluded items).
     """
     k = min(k, scores.shape[1])
-    if scores.device.type != "cpu":
+    if compiled is None:
+        compiled = scores.device.type == "cpu"
+    if not compiled:
+        scores = scores.contiguous()
         if exclude is not None:
             where = torch.from_numpy(exclude.positions(scores.shape[1])).to(scores.device)
             scores.view(-1).index_fill_(0, where, float("-inf"))
         values, cols, row_max = top_k_columns(scores, k)
         check_row_max(row_max)
         return best_first(values, cols)
+    if scores.device.type != "cpu":
+        raise ValueError(f"compiled top-k: CPU scores only, found {scores.device}")
     # numba (llvmlite) costs ~160 MB of resident memory once imported: only a process that recommends pays it
     from cammsr.evaluate.row_select import exclude_columns, top_k_from_groups
 

@@ -9,18 +9,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cammsr.evaluate.metrics import NonFiniteScoresError
-from cammsr.evaluate.top_k import GROUP, Exclusions, best_first, top_k, top_k_columns
+from cammsr.evaluate.top_k import GROUP, Exclusions, top_k, top_k_columns
 
 
-def test_a_nan_score_stops_recommendation():
+@pytest.mark.parametrize("compiled", [True, False])
+def test_a_nan_score_stops_recommendation(compiled):
     scores = torch.tensor([[float("-inf"), 1.0, 3.0, 3.0, -2.0], [float("-inf"), 0.5, float("-inf"), 2.0, 1.0]])
-    values, cols = top_k(scores, 3)  # -inf is fine: padding and excluded items
+    values, cols = top_k(scores, 3, compiled=compiled)  # -inf is fine: padding and excluded items
     assert cols.tolist() == [[2, 3, 1], [3, 4, 1]] and values[0].tolist() == [3.0, 3.0, 1.0]  # ties: lower index
     for bad in (float("nan"), float("inf")):
         broken = scores.clone()
         broken[1, 3] = bad
         with pytest.raises(NonFiniteScoresError, match=r"batch rows \[1\]"):
-            top_k(broken, 3)
+            top_k(broken, 3, compiled=compiled)
 
 
 @pytest.mark.parametrize("n", [40, 2048, 2070])  # the plain top-k; whole groups; groups and a remainder
@@ -76,6 +77,15 @@ def test_top_k_with_exclusions_equals_a_sort_and_keeps_the_lower_column_on_ties(
     for row in range(rows):
         got = [(float(v), int(c)) for v, c in zip(values[row], cols[row], strict=True) if np.isfinite(v)]
         assert got == expected[row]
+    # the torch path (any device): the same values; at the k-th value any of the tied columns
+    values, cols = top_k(torch.from_numpy(scores.copy()), k, Exclusions.of([np.array(e) for e in excluded]),
+                         compiled=False)
+    for row in range(rows):
+        got = [(float(v), int(c)) for v, c in zip(values[row], cols[row], strict=True) if np.isfinite(v)]
+        assert [v for v, _ in got] == [v for v, _ in expected[row]]
+        kth = got[-1][0] if got else None
+        assert [x for x in got if x[0] != kth] == [x for x in expected[row] if x[0] != kth]
+        assert all(np.isfinite(scores[row, c]) and c not in excluded[row] for _, c in got)
 
 
 def test_exclusions_leave_seen_items_out_and_reject_columns_outside_the_row():
@@ -95,8 +105,5 @@ def test_the_compiled_selection_matches_the_torch_path():
     scores[:, 0] = float("-inf")
     seen = Exclusions.of([np.arange(1, 1 + i) for i in range(50)])
     v_cpu, c_cpu = top_k(scores.clone(), 20, seen)
-    plain = scores.clone()
-    plain.view(-1)[torch.from_numpy(seen.positions(plain.shape[1]))] = float("-inf")
-    values, cols, _ = top_k_columns(plain, 20)
-    v_ref, c_ref = best_first(values, cols)
+    v_ref, c_ref = top_k(scores.clone(), 20, seen, compiled=False)  # random scores: no ties
     assert np.array_equal(c_cpu, c_ref) and np.array_equal(v_cpu, v_ref)
