@@ -176,6 +176,7 @@ def run_recommend(name: str, params: RecommendParams, paths: CatalogPaths, devic
         "new_items": str(len(extra.item_ids)),
     }
     seen = Exclusions.of(split.sequences) if params.exclude_seen else None  # whole sequences, not the last max_len
+    rows_per_block = max(64, BLOCK_SCORES // len(items))
     if items.device.type == "cpu":  # the compiled top-k: compiled or loaded before the timed loop
         from cammsr.evaluate.row_select import warm_up  # numba only in a process that recommends
 
@@ -195,7 +196,6 @@ def run_recommend(name: str, params: RecommendParams, paths: CatalogPaths, devic
                                 dev).float()  # [B, D]
             clock["score"] += time.perf_counter() - t
             parts = []
-            rows_per_block = max(64, BLOCK_SCORES // len(items))
             for sub in range(0, len(batch), rows_per_block):  # a block's scores are selected from while in cache
                 t = time.perf_counter()
                 scores = h[sub:sub + rows_per_block] @ items.T  # [b, N+1]

@@ -91,9 +91,10 @@ class Exclusions:
     @classmethod
     def of(cls, rows: Sequence[np.ndarray]) -> Exclusions:
         """One row per array of ``rows`` (e.g. each user's whole sequence of item indices)."""
-        stop = np.cumsum([len(r) for r in rows], dtype=np.int64)
+        lengths = np.array([len(r) for r in rows], dtype=np.int64)
+        stop = np.cumsum(lengths)
         flat = np.concatenate(rows).astype(np.int64, copy=False) if len(rows) else np.zeros(0, np.int64)
-        return cls(flat, stop - np.array([len(r) for r in rows], dtype=np.int64), stop)
+        return cls(flat, stop - lengths, stop)
 
     def take(self, rows: np.ndarray) -> Exclusions:
         """The exclusions of ``rows``, in that order (the flat array is shared, not copied)."""
