@@ -58,19 +58,19 @@ def release_workspace() -> None:
 class _ChunkedSoftmaxCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, chunk: int,
-                compute_dtype: torch.dtype) -> torch.Tensor:
+                compute_dtype: torch.dtype, padding_row: bool) -> torch.Tensor:
         with torch.autocast(h.device.type, enabled=False):  # dtypes are explicit here
-            return _forward(ctx, h, table, targets, chunk, compute_dtype)
+            return _forward(ctx, h, table, targets, chunk, compute_dtype, padding_row)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_table_t = ctx.saved_tensors
         return (grad_h * grad_out if ctx.needs_input_grad[0] else None,
-                grad_table_t.T * grad_out if ctx.needs_input_grad[1] else None, None, None, None)
+                grad_table_t.T * grad_out if ctx.needs_input_grad[1] else None, None, None, None, None)
 
 
 def _forward(ctx, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, chunk: int,
-             compute_dtype: torch.dtype) -> torch.Tensor:
+             compute_dtype: torch.dtype, padding_row: bool) -> torch.Tensor:
     low = compute_dtype != torch.float32
     hx, tx = h.to(compute_dtype), table.to(compute_dtype)  # [P, d], [N, d] (no copy in float32)
     P = len(h)
@@ -84,10 +84,12 @@ def _forward(ctx, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, c
     grad_table_t = None  # [d, N]: h.T @ grad writes it contiguously (grad.T @ h into [N, d] measured 2.5x slower)
     rows = torch.arange(min(chunk, len(hx)), device=h.device)
     score_block, prob_block = block_workspace(h.device, hx.dtype, min(chunk, len(hx)), len(tx))
-    for start in range(0, len(hx), chunk):
+    for start in range(0, P, chunk):  # a block of padding rows only (chunk < ROW_QUANTUM) is skipped
         hc, tc = hx[start : start + chunk], targets[start : start + chunk]  # [c, d], [c]
         real = min(len(tc), P - start)  # rows beyond P are padding
         logits = torch.mm(hc, tx.T, out=score_block[: len(tc)])  # [c, N]
+        if padding_row:
+            logits[:, 0] = float("-inf")  # never a target: probability 0, so its gradient is 0 too
         if low:  # probabilities straight from the bfloat16 scores (the kernel works in float32)
             grad = torch.ops.aten._softmax.out(logits, 1, False, out=prob_block[: len(tc)])  # [c, N]
             p_target = grad[:real].gather(1, tc[:real, None]).float()
@@ -112,7 +114,8 @@ def _forward(ctx, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, c
 
 
 def chunked_softmax_ce(h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
-                       chunk: int = CHUNK_ROWS, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+                       chunk: int = CHUNK_ROWS, compute_dtype: torch.dtype | None = None,
+                       padding_row: bool = False) -> torch.Tensor:
     """Summed CE of scores ``h @ table.T`` against ``targets``, block by block.
 
     Args:
@@ -122,11 +125,16 @@ def chunked_softmax_ce(h: torch.Tensor, table: torch.Tensor, targets: torch.Tens
         chunk: rows scored at once.
         compute_dtype: dtype of the matmuls and the softmax input (float32 or bfloat16); None: bfloat16
             under CPU autocast to bfloat16, else float32.
+        padding_row: row 0 of ``table`` is padding, never predicted (its score is -inf, its gradient 0):
+            the loss of ``table[1:]`` and ``targets - 1``, without slicing the table (whose backward would
+            copy the whole table's gradient into a zero-padded one every step).
 
     Under CUDA autocast this falls back to ``F.cross_entropy`` on the whole score matrix (CUDA AMP as before).
     """
     device = h.device.type
     if device != "cpu" and torch.is_autocast_enabled(device):
+        if padding_row:
+            table, targets = table[1:], targets - 1
         return F.cross_entropy(h @ table.T, targets, reduction="sum")
     if compute_dtype is None:
         cpu_bf16 = device == "cpu" and torch.is_autocast_enabled("cpu") \
@@ -134,4 +142,4 @@ def chunked_softmax_ce(h: torch.Tensor, table: torch.Tensor, targets: torch.Tens
         compute_dtype = torch.bfloat16 if cpu_bf16 else torch.float32
     if compute_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"compute_dtype: expected float32 or bfloat16, found {compute_dtype}")
-    return _ChunkedSoftmaxCE.apply(h.float(), table.float(), targets, chunk, compute_dtype)
+    return _ChunkedSoftmaxCE.apply(h.float(), table.float(), targets, chunk, compute_dtype, padding_row)

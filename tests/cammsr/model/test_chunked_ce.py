@@ -23,6 +23,25 @@ def test_value_and_gradients_match_cross_entropy(chunk):
     assert torch.allclose(table.grad, ref_t.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_padding_row_equals_the_sliced_table(compute_dtype):
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(40, 8, generator=g) * 0.5
+    table = torch.randn(12, 8, generator=g) * 0.5  # row 0: padding, with a large score it must not get
+    table[0] = 3.0
+    targets = torch.randint(1, 12, (40,), generator=g)
+    ref_h, ref_t = h.clone().requires_grad_(), table[1:].clone().requires_grad_()
+    ref = chunked_softmax_ce(ref_h, ref_t, targets - 1, chunk=16, compute_dtype=compute_dtype)
+    ref.backward()
+    got_h, got_t = h.clone().requires_grad_(), table.clone().requires_grad_()
+    got = chunked_softmax_ce(got_h, got_t, targets, chunk=16, compute_dtype=compute_dtype, padding_row=True)
+    got.backward()
+    assert torch.allclose(got, ref, rtol=1e-5)
+    assert torch.allclose(got_h.grad, ref_h.grad, atol=1e-5)
+    assert torch.equal(got_t.grad[0], torch.zeros(8))  # never scored: no gradient
+    assert torch.allclose(got_t.grad[1:], ref_t.grad, atol=1e-5)
+
+
 def test_hand_computed_value_and_frozen_table():
     h = torch.tensor([[1.0, 0.0]], requires_grad=True)
     table = torch.tensor([[0.0, 0.0], [1.0, 0.0]])  # scores [0, 1]; target 1: CE = log(1 + e) - 1
