@@ -210,8 +210,8 @@ class TrainParams(Section):
     ce_precision: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto", description="dtype of the next-item CE's matmuls on a CPU (float32 weights and softmax "
         "accumulation); auto = bfloat16 on a CPU with bfloat16 matmul units (AMX/AVX512-BF16), else float32")
-    fast_dropout: bool = Field(default=True, description="dropout masks from 31-bit random integers (same law, "
-                               "5x cheaper on CPU than bernoulli_)")
+    fast_dropout: bool = Field(default=True, description="dropout masks from 15-bit random integers (same law, "
+                               "~15x cheaper on CPU than bernoulli_)")
     id_dropout: float = Field(default=0.0, ge=0, lt=1, description="fraction of item IDs replaced by the "
                               "learned unknown-ID vector at each step (trains it for items added after training)")
     id_smoothing: list[Annotated[float, Field(gt=0)]] = Field(

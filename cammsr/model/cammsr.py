@@ -80,7 +80,7 @@ class ModelConfig:
     shared_encoder: bool = True  # False: one Transformer per modality (HM4SR-style)
     category_loss: str = "ce"  # "ce": single label; "bce": multi-hot over the item's category path tokens
     num_path_tokens: int = 0  # T, category path tokens (for "bce")
-    fast_dropout: bool = False  # masks from 31-bit random integers instead of bernoulli_ (dropout.py); same law
+    fast_dropout: bool = False  # masks from 15-bit random integers instead of bernoulli_ (dropout.py); same law
     # Unknown item IDs (see `CAMMSR.id_rows`): the fraction of items whose ID row is replaced by the learned
     # unknown vector at each training step; 0 leaves the vector untrained (zeros).
     id_dropout: float = 0.0

@@ -30,6 +30,18 @@ def test_masks_are_independent_and_not_a_fixed_pattern():
     assert abs((a[1:] & a[:-1]).float().mean().item() - 0.25) < 5e-3  # neighbours too
 
 
+def test_every_lane_of_a_random_word_keeps_the_rate():
+    torch.manual_seed(0)
+    kept = (keep_mask(torch.ones(400_000), 0.3) > 0).view(-1, 4).float().mean(0)  # [4]: one per 15-bit lane
+    assert torch.allclose(kept, torch.full((4,), 0.7), atol=5e-3)  # std 1.4e-3 per lane
+
+
+@pytest.mark.parametrize("shape", [(3,), (5, 7), (2, 3, 5)])
+def test_masks_of_sizes_not_a_multiple_of_four(shape):
+    m = keep_mask(torch.ones(shape), 0.5)
+    assert m.shape == shape and set(m.unique().tolist()) <= {0.0, 2.0}
+
+
 def test_the_seed_fixes_the_mask_and_eval_is_identity():
     x = torch.randn(64, 33)
     torch.manual_seed(7)
