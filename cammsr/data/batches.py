@@ -8,6 +8,7 @@ bucketed by length so that little compute goes to padding.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,6 +21,38 @@ def pad_right(seqs: Sequence[np.ndarray], length: int | None = None) -> torch.Te
     for i, s in enumerate(seqs):
         out[i, : len(s)] = s[:length]
     return torch.from_numpy(out)
+
+
+@dataclass(frozen=True)
+class PackedSequences:
+    """Variable-length int sequences in one flat array, padded into batches by one vectorised gather
+    (`pad_right` copies row by row: ~1 ms per 1,024 short sequences, a tenth of a toys ranking pass).
+
+    Attributes:
+        flat: int64 [T] every sequence, one after another.
+        starts, lengths: int64 [S] where each sequence starts in ``flat``, and its length.
+    """
+
+    flat: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+
+    @classmethod
+    def of(cls, seqs: Sequence[np.ndarray]) -> PackedSequences:
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        flat = np.concatenate(seqs).astype(np.int64, copy=False) if len(seqs) else np.zeros(0, np.int64)
+        return cls(flat, np.cumsum(lengths) - lengths, lengths)
+
+    def padded(self, rows: np.ndarray, length: int | None = None) -> torch.Tensor:
+        """LongTensor [len(rows), L]: sequences ``rows`` right-padded with zeros to their longest (at least 1), or
+        to ``length``, each cut to its first ``length`` items (as `pad_right`)."""
+        lens = self.lengths[rows]  # [b]
+        L = max(length or int(lens.max(initial=0)), 1)
+        cols = np.arange(L)
+        keep = cols < lens[:, None]  # [b, L]
+        out = np.zeros((len(rows), L), dtype=np.int64)
+        out[keep] = self.flat[(self.starts[rows][:, None] + cols)[keep]]
+        return torch.from_numpy(out)
 
 
 def training_pairs(train_seqs: Sequence[np.ndarray], max_len: int, windows: bool = True

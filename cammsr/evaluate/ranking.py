@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from cammsr.core.malloc import release_free_memory
-from cammsr.data.batches import pad_right
+from cammsr.data.batches import PackedSequences
 from cammsr.evaluate.exact_bf16 import ExactBF16Ranker
 from cammsr.evaluate.metrics import target_ranks
 
@@ -69,7 +69,8 @@ def rank_targets_by_protocol(score_fn: ScoreFn, histories: Sequence[np.ndarray],
                              device: torch.device | str = "cpu", precision: torch.dtype = torch.float32
                              ) -> dict[bool, np.ndarray]:
     """`rank_targets` under each history-masking choice in ``masks``, scoring every user once."""
-    lengths = np.array([len(h) for h in histories], dtype=np.int64)
+    packed = PackedSequences.of(histories)
+    lengths = packed.lengths
     order = np.argsort(lengths, kind="stable")
     ranks = {mask: np.empty(len(histories), dtype=np.int64) for mask in masks}
     exact = None
@@ -77,14 +78,14 @@ def rank_targets_by_protocol(score_fn: ScoreFn, histories: Sequence[np.ndarray],
         exact = ExactBF16Ranker(score_fn.items.to(device))
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        seq = pad_right([histories[i] for i in idx]).to(device)  # [B, L]
+        seq = packed.padded(idx).to(device) if True in masks or exact is None else None  # [B, L]
         tgt = torch.from_numpy(targets[idx]).to(device)  # [B]
         if exact is not None:
-            h = score_by_length(score_fn.users, histories, idx, lengths, device)  # [B, D]
+            h = score_by_length(score_fn.users, packed, idx, lengths, device)  # [B, D]
             for mask, r in exact.ranks(h, tgt, seq, tuple(masks)).items():
                 ranks[mask][idx] = r.cpu().numpy()
             continue
-        scores = score_by_length(score_fn, histories, idx, lengths, device).float()  # [B, N+1]
+        scores = score_by_length(score_fn, packed, idx, lengths, device).float()  # [B, N+1]
         scores[:, 0] = float("-inf")
         for mask in sorted(masks):  # unmasked first: masking writes into the scores
             if mask:
@@ -96,28 +97,49 @@ def rank_targets_by_protocol(score_fn: ScoreFn, histories: Sequence[np.ndarray],
     return ranks
 
 
-def score_by_length(fn: ScoreFn, histories: Sequence[np.ndarray], idx: np.ndarray, lengths: np.ndarray,
-                    device: torch.device | str) -> torch.Tensor:
+def score_by_length(fn: ScoreFn, histories: Sequence[np.ndarray] | PackedSequences, idx: np.ndarray,
+                    lengths: np.ndarray, device: torch.device | str) -> torch.Tensor:
     """``fn`` over the users ``idx`` (length-sorted) in runs of similar length, concatenated in order.
 
     One batch of 1024 users spans lengths 15 to 50 at the long end of a catalog: padding them all to 50
     made 18% of toys' encoded positions padding. A run ends where its padding would pass PADDING_SLACK
     of its tokens (runs keep at least MIN_GROUP users, so the matmuls stay large).
     """
-    out, start, n = [], 0, len(idx)
-    while start < n:
-        end, total = start, 0
-        while end < n:
-            total += lengths[idx[end]]
-            end += 1
-            if end - start >= MIN_GROUP and end < n \
-                    and lengths[idx[end]] * (end + 1 - start) > (1 + PADDING_SLACK) * (total + lengths[idx[end]]):
-                break
+    packed = histories if isinstance(histories, PackedSequences) else PackedSequences.of(histories)
+    out = []
+    for start, end in length_runs(lengths[idx]):
         run = idx[start:end]
-        seq = pad_right([histories[i] for i in run]).to(device)  # [b, L]
-        out.append(fn(seq, torch.from_numpy(lengths[run]).to(device)))
-        start = end
+        out.append(fn(packed.padded(run).to(device), torch.from_numpy(lengths[run]).to(device)))
     return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def length_runs(lengths: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) runs of consecutive ``lengths`` (ascending) to encode together: a run takes users while it
+    has fewer than MIN_GROUP, then stops before the first user whose length would make its padding (run size x
+    that length, against its tokens) pass PADDING_SLACK. Walks runs of equal length, not users: one more user
+    of the run's own longest length never adds padding, so only the first of each length can end a run."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    bounds = np.flatnonzero(np.diff(lengths)) + 1
+    runs, start, total = [], 0, 0
+    for s, e in zip(np.concatenate([[0], bounds]).tolist(), np.concatenate([bounds, [n]]).tolist(), strict=True):
+        length = int(lengths[s])
+        while s < e:
+            size = s - start
+            if size < MIN_GROUP:
+                take = min(e - s, MIN_GROUP - size)
+            elif length * (size + 1) > (1 + PADDING_SLACK) * (total + length):
+                runs.append((start, s))
+                start, total = s, 0
+                continue
+            else:
+                take = e - s
+            total += length * take
+            s += take
+    if start < n:
+        runs.append((start, n))
+    return runs
 
 
 def popularity_scorer(train_seqs: Sequence[np.ndarray], num_items: int) -> ScoreFn:

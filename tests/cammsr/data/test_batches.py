@@ -2,8 +2,10 @@
 
 import numpy as np
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from cammsr.data.batches import bucketed_batches
+from cammsr.data.batches import PackedSequences, bucketed_batches, pad_right
 
 
 def draw(lengths, **kw) -> list[np.ndarray]:
@@ -54,3 +56,14 @@ def test_windows_train_every_target_once_with_at_least_half_a_window_of_history(
                 assert p + 1 >= 25 or x[0] == 1  # half a window of history, or all there is
     inputs, targets = training_pairs([np.arange(1, 101)], max_len=50, windows=False)
     assert len(inputs) == 1 and targets[0].tolist() == list(range(51, 101))  # newest window only
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(1, 10**6), max_size=12), min_size=1, max_size=40), st.data())
+def test_packed_sequences_pad_as_pad_right(seqs, data):
+    seqs = [np.array(s, dtype=np.int64) for s in seqs]
+    rows = np.array(data.draw(st.lists(st.integers(0, len(seqs) - 1), max_size=60)), dtype=np.int64)
+    length = data.draw(st.none() | st.integers(1, 15))
+    packed = PackedSequences.of(seqs)
+    assert torch.equal(packed.padded(rows, length), pad_right([seqs[i] for i in rows], length))
+    assert packed.lengths.tolist() == [len(s) for s in seqs]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from cammsr.evaluate import exact_bf16
 from cammsr.evaluate.exact_bf16 import ExactBF16Ranker, NonFiniteVectorsError, classify, split_bf16
 from cammsr.evaluate.metrics import NonFiniteScoresError, target_ranks
 from cammsr.evaluate.ranking import FactoredScores, rank_targets_by_protocol
@@ -70,6 +71,21 @@ def test_random_vectors_rank_as_float32(seed):
     got = ExactBF16Ranker(items).ranks(h, targets)[False]
     assert torch.equal(got, expected)
     assert got.min() >= 0 and got.max() > n // 2  # targets all over the ranking
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_blocks_on_threads_rank_as_one_block(threads, monkeypatch):
+    h, items, targets = integer_case(3, n=500, b=700)  # near ties everywhere: many pairs to recheck per block
+    expected = exact_ranks(h, items, targets)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        monkeypatch.setattr(exact_bf16, "ROW_BLOCK", 64)  # 11 blocks, the last one short
+        got = ExactBF16Ranker(items).ranks(h, targets)[False]
+        assert torch.get_num_threads() == threads  # the workers' one-thread setting stayed theirs
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

@@ -3,12 +3,15 @@
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cammsr.data.batches import pad_right
 from cammsr.evaluate.ranking import (
     MIN_GROUP,
     PADDING_SLACK,
     FactoredScores,
+    length_runs,
     model_scores,
     rank_targets,
     rank_targets_by_protocol,
@@ -101,3 +104,30 @@ def test_factored_scores_put_padding_at_minus_infinity():
     scores = scorer(torch.tensor([[2], [4]]), torch.tensor([1, 1]))
     assert scores[:, 0].eq(float("-inf")).all()
     assert torch.allclose(scores[:, 1:], items[[2, 4]] @ items[1:].T)
+
+
+def _runs_user_by_user(lengths: np.ndarray) -> list[tuple[int, int]]:
+    """The rule `length_runs` implements, one user at a time."""
+    out, start, n = [], 0, len(lengths)
+    while start < n:
+        end, total = start, 0
+        while end < n:
+            total += lengths[end]
+            end += 1
+            if end - start >= MIN_GROUP and end < n \
+                    and lengths[end] * (end + 1 - start) > (1 + PADDING_SLACK) * (total + lengths[end]):
+                break
+        out.append((start, end))
+        start = end
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 50), max_size=1500), st.booleans())
+def test_length_runs_follow_the_rule_user_by_user(lengths, skewed):
+    lengths = np.sort(np.array(lengths, dtype=np.int64))
+    if skewed:  # mostly short, as real histories are
+        lengths = np.sort(np.minimum(lengths % 7 + 1, lengths))
+    runs = length_runs(lengths)
+    assert runs == _runs_user_by_user(lengths)
+    assert [s for s, _ in runs[1:]] == [e for _, e in runs[:-1]] and (not runs or runs[-1][1] == len(lengths))
