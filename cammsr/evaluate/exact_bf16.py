@@ -129,15 +129,22 @@ class ExactBF16Ranker:
             result[True] = ranks - self._history_at_or_above(h64, c, targets, histories)
         return {m: result[m] for m in masks}
 
-    def _score_and_classify(self, lhs: torch.Tensor, tau: torch.Tensor, targets: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _score_and_classify(self, lhs: torch.Tensor, tau: torch.Tensor, targets: torch.Tensor,
+                            per_thread: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """`classify` of ``lhs @ table.T`` (~ s_i - c, bfloat16 [B, N+1]) with the padding column and each row's
-        target left out. On the CPU in blocks of ROW_BLOCK users, one per thread, each scored and classified
-        while in cache; elsewhere in one matmul."""
-        if lhs.device.type != "cpu":
-            out = lhs @ self.table.T  # [B, N+1]
-            _leave_out(out, targets)
-            return classify(out, tau)
+        target left out. ``per_thread`` (default: on the CPU): in blocks of ROW_BLOCK users, one per thread, each
+        scored and classified while in cache; else one block of up to 2^28 scores after another."""
+        if not (lhs.device.type == "cpu" if per_thread is None else per_thread):
+            parts = []
+            step = max(ROW_BLOCK, 2**28 // self.table.shape[0])
+            for s in range(0, len(lhs), step):
+                out = lhs[s : s + step] @ self.table.T  # [b, N+1]
+                _leave_out(out, targets[s : s + step])
+                above, r, i = classify(out, tau[s : s + step])
+                parts.append((above, r + s, i))
+            if not parts:
+                return tuple(lhs.new_zeros(0, dtype=torch.int64) for _ in range(3))
+            return tuple(torch.cat(k) for k in zip(*parts, strict=True))
 
         def block(rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             out = lhs[rows] @ self.table_t  # [b, N+1]

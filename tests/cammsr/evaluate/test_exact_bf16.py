@@ -88,6 +88,24 @@ def test_row_blocks_on_threads_rank_as_one_block(threads, monkeypatch):
     assert torch.equal(got, expected)
 
 
+def test_blocks_one_after_another_classify_as_blocks_per_thread(monkeypatch):
+    h, items, targets = integer_case(4, n=300, b=500)
+    ranker = ExactBF16Ranker(items)
+    lhs = torch.cat([split_bf16(h)[0]] * 3 + [torch.zeros(len(h), ranker.width - 3 * h.shape[1], dtype=torch.bfloat16)],
+                    dim=1)
+    tau = torch.full((len(h),), 0.5).bfloat16().view(torch.int16)
+    monkeypatch.setattr(exact_bf16, "ROW_BLOCK", 64)
+    threaded = ranker._score_and_classify(lhs, tau, targets, per_thread=True)
+    serial = ranker._score_and_classify(lhs, tau, targets, per_thread=False)  # what a GPU runs: 2^28 // 301 rows
+    assert torch.equal(threaded[0], serial[0]) and len(threaded[1]) > 0
+    pairs = sorted(zip(threaded[1].tolist(), threaded[2].tolist(), strict=True))
+    assert pairs == sorted(zip(serial[1].tolist(), serial[2].tolist(), strict=True))
+    out = lhs.float() @ ranker.table.float().T  # integers: exact in both, so the same bfloat16 scores
+    out[:, 0] = float("-inf")
+    out[torch.arange(len(h)), targets] = float("-inf")
+    assert torch.equal(threaded[0], classify(out.bfloat16(), tau)[0])
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_exact_ties_and_near_ties(seed):
     h, items, targets = integer_case(seed)
