@@ -45,8 +45,8 @@ def model_scores(model) -> FactoredScores:
     every item's CAMoE output, are computed once for the whole ranking pass, not once per batch of users."""
     with torch.no_grad():
         tables = model.item_tables()
-        items = model.score_table(tables).float()  # [N+1, M*d]
         refined = None if model.training else model.refined_tables(tables)
+        items = model.score_table(tables, refined).float()  # [N+1, M*d]
     return FactoredScores(lambda seq, lengths: model.user_vectors(seq, lengths, tables, refined), items)
 
 

@@ -577,14 +577,17 @@ class CAMMSR(nn.Module):
         return ModelOutput(z=z[:M], swap_views=swap, cat_logits=cat_logits, unique_items=items, weights=w)
 
     # ---- 5. scores and loss --------------------------------------------------------------------
-    def score_table(self, tables: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    def score_table(self, tables: dict[str, torch.Tensor] | None = None,
+                    refined: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Item tables of all modalities side by side: [N+1, M*d] (scored against concat Z).
 
-        ``tables``: the `item_tables` of this batch, when already computed.
+        ``tables``: the `item_tables` of this batch, when already computed; ``refined``: `refined_tables`, when
+        already computed (eval mode), read instead of running CAMoE over every item again with ``score_refined``.
         """
         if self.cfg.score_refined and self.use_moe:  # the same refinement as the sequence side's items
-            refined, _, _ = self.camoe(torch.arange(self.cfg.num_items + 1, device=self.pos_emb.weight.device),
-                                       tables)
+            if refined is None:
+                refined, _, _ = self.camoe(torch.arange(self.cfg.num_items + 1, device=self.pos_emb.weight.device),
+                                           tables)
             tables = [refined[m] for m in self.mods]  # M x [N+1, d]
         else:  # (frozen text/image are not in `item_tables`: replaced below)
             frozen = self.cfg.content_table == "frozen"
