@@ -101,15 +101,30 @@ def _rank_exactly(score_fn: FactoredScores, packed: PackedSequences, order: np.n
     RANK_SPAN users (``batch_size`` at a time), then their ranks in one call. Alternating the encoder and the
     ranker batch by batch measured ~1.4x slower on toys (each hands the cores to the other 19 times)."""
     exact = ExactBF16Ranker(score_fn.items.to(device))
-    span = max(batch_size, RANK_SPAN // batch_size * batch_size)
-    for start in range(0, len(order), span):
-        users = order[start : start + span]
-        h = torch.cat([score_by_length(score_fn.users, packed, users[i : i + batch_size], packed.lengths, device)
-                       for i in range(0, len(users), batch_size)])  # [U, D]
+    for users in spans(order, batch_size):
+        h = user_vectors(score_fn.users, packed, users, batch_size, device)  # [U, D]
         tgt = torch.from_numpy(targets[users]).to(device)  # [U]
         seq = packed.padded(users).to(device) if True in masks else None  # [U, L]
         for mask, r in exact.ranks(h, tgt, seq, masks).items():
             ranks[mask][users] = r.cpu().numpy()
+
+
+def spans(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """``order`` cut into spans of up to RANK_SPAN users (a whole number of batches): the users whose vectors are
+    computed before any of them is ranked, so the encoder and the ranker do not take turns batch by batch."""
+    span = max(batch_size, RANK_SPAN // batch_size * batch_size)
+    return [order[s : s + span] for s in range(0, len(order), span)]
+
+
+def user_vectors(users: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], packed: PackedSequences,
+                 idx: np.ndarray, batch_size: int, device: torch.device | str) -> torch.Tensor:
+    """``users`` (a `FactoredScores.users`) of the length-sorted sequences ``idx`` of ``packed``, ``batch_size`` at a
+    time in runs of similar length (`score_by_length`): [len(idx), D]."""
+    parts = [score_by_length(users, packed, idx[i : i + batch_size], packed.lengths, device)
+             for i in range(0, len(idx), batch_size)]
+    if not parts:
+        raise ValueError("user_vectors: no users")
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def score_by_length(fn: ScoreFn, histories: Sequence[np.ndarray] | PackedSequences, idx: np.ndarray,

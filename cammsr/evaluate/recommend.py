@@ -41,8 +41,9 @@ from cammsr.core.digest import file_sha256
 from cammsr.core.malloc import tune_glibc_malloc
 from cammsr.core.paths import CatalogPaths
 from cammsr.core.summary import StageSummary
+from cammsr.data.batches import PackedSequences
 from cammsr.data.splits import SplitData, load_splits
-from cammsr.evaluate.ranking import model_scores, score_by_length
+from cammsr.evaluate.ranking import model_scores, spans, user_vectors
 from cammsr.evaluate.top_k import Exclusions, top_k
 from cammsr.model.content_neighbours import impute_new_item_ids
 from cammsr.model.io import load_checkpoint, whole_stores
@@ -127,6 +128,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def recommend_batch(writer: pq.ParquetWriter, batch: np.ndarray, h: torch.Tensor, items: torch.Tensor, k: int,
+                    seen: Exclusions | None, rows_per_block: int, user_ids: pa.Array, item_ids: pa.Array,
+                    clock: dict[str, float]) -> int:
+    """Top-``k`` of the users ``batch`` (their vectors ``h`` [B, D]) against ``items`` [N+1, D], blocks of
+    ``rows_per_block`` users scored and selected from while in cache, written to ``writer``; returns the rows
+    written and adds the seconds spent to ``clock``."""
+    parts = []
+    for sub in range(0, len(batch), rows_per_block):
+        t = time.perf_counter()
+        scores = h[sub:sub + rows_per_block] @ items.T  # [b, N+1]
+        t, clock["score"] = time.perf_counter(), clock["score"] + time.perf_counter() - t
+        scores[:, 0] = float("-inf")
+        parts.append(top_k(scores, k, seen.take(batch[sub:sub + rows_per_block]) if seen else None))
+        clock["select"] += time.perf_counter() - t
+    t = time.perf_counter()
+    values, cols = (np.concatenate([p[i] for p in parts]) for i in (0, 1))
+    table = batch_table(user_ids, item_ids, batch, values, cols)
+    writer.write_table(table)
+    clock["write"] += time.perf_counter() - t
+    return table.num_rows
+
+
 @torch.no_grad()
 def run_recommend(name: str, params: RecommendParams, paths: CatalogPaths, device: str = "auto",
                   k: int | None = None, users: Path | None = None, out: Path | None = None) -> StageSummary:
@@ -185,30 +208,19 @@ def run_recommend(name: str, params: RecommendParams, paths: CatalogPaths, devic
     clock = {"score": 0.0, "select": 0.0, "write": 0.0}  # where the loop's time goes
     t_rank = time.perf_counter()
     with atomic_path(out, suffix=".parquet") as tmp, \
-            pq.ParquetWriter(tmp, SCHEMA.with_metadata(metadata), compression="zstd") as writer:
-        batches = range(0, len(rows), params.batch_size)
-        for start in tqdm(batches, desc=f"recommend [{name}]", unit="batch", mininterval=1.0, disable=None):
+            pq.ParquetWriter(tmp, SCHEMA.with_metadata(metadata), compression="zstd") as writer, \
+            tqdm(total=len(rows), desc=f"recommend [{name}]", unit="user", mininterval=1.0, disable=None) as bar:
+        for span_rows in spans(rows, params.batch_size):
+            # as evaluation ranks: the span's user vectors first (runs of similar length), then its top-k
             t = time.perf_counter()
-            batch = rows[start:start + params.batch_size]
-            histories = [split.sequences[u][-max_len:] for u in batch]
-            # user vectors in runs of similar length, as evaluation ranks (less padding than one [B, max L] batch)
-            h = score_by_length(scorer.users, histories, np.arange(len(batch)), lengths_of(split, batch, max_len),
-                                dev).float()  # [B, D]
+            packed = PackedSequences.of([split.sequences[u][-max_len:] for u in span_rows])
+            h_span = user_vectors(scorer.users, packed, np.arange(len(span_rows)), params.batch_size, dev).float()
             clock["score"] += time.perf_counter() - t
-            parts = []
-            for sub in range(0, len(batch), rows_per_block):  # a block's scores are selected from while in cache
-                t = time.perf_counter()
-                scores = h[sub:sub + rows_per_block] @ items.T  # [b, N+1]
-                t, clock["score"] = time.perf_counter(), clock["score"] + time.perf_counter() - t
-                scores[:, 0] = float("-inf")
-                parts.append(top_k(scores, k, seen.take(batch[sub:sub + rows_per_block]) if seen else None))
-                clock["select"] += time.perf_counter() - t
-            t = time.perf_counter()
-            values, cols = (np.concatenate([p[i] for p in parts]) for i in (0, 1))
-            table = batch_table(user_ids, item_ids, batch, values, cols)
-            writer.write_table(table)
-            written += table.num_rows
-            clock["write"] += time.perf_counter() - t
+            for start in range(0, len(span_rows), params.batch_size):
+                written += recommend_batch(writer, span_rows[start:start + params.batch_size],
+                                           h_span[start:start + params.batch_size], items, k, seen, rows_per_block,
+                                           user_ids, item_ids, clock)
+                bar.update(min(params.batch_size, len(span_rows) - start))
     rank_s = time.perf_counter() - t_rank
 
     n_users = len(rows)
