@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cammsr.data.batches import pad_right
+from cammsr.evaluate import ranking
 from cammsr.evaluate.ranking import (
     MIN_GROUP,
     PADDING_SLACK,
@@ -65,6 +66,20 @@ def test_model_scores_rank_as_score_last(overrides):
         assert np.array_equal(rank_targets(factored, histories, targets, 16, mask), expected)
         assert np.array_equal(rank_targets(factored, histories, targets, 16, mask, precision=torch.bfloat16),
                               expected)
+
+
+def test_exact_ranks_over_several_spans_equal_one_span(monkeypatch):
+    model = _model()
+    rng = np.random.default_rng(2)
+    histories = [rng.integers(1, 31, rng.integers(1, 9)) for _ in range(70)]
+    targets = rng.integers(1, 31, 70)
+    one = rank_targets_by_protocol(model_scores(model), histories, targets, 16, precision=torch.bfloat16)
+    monkeypatch.setattr(ranking, "RANK_SPAN", 20)  # spans of one batch of 16 users (a whole number of batches)
+    assert [len(s) for s in ranking.spans(np.arange(70), 16)] == [16, 16, 16, 16, 6]
+    several = rank_targets_by_protocol(model_scores(model), histories, targets, 16, precision=torch.bfloat16)
+    for mask in (False, True):
+        assert np.array_equal(several[mask], one[mask])
+        assert np.array_equal(one[mask], rank_targets(model.score_last, histories, targets, 16, mask))
 
 
 def test_model_scores_see_the_unknown_ids():

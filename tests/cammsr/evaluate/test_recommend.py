@@ -14,6 +14,7 @@ import torch
 from cammsr.core.config import RecommendParams, SplitParams, TrainParams
 from cammsr.data.split_features import run_split_features
 from cammsr.data.splits import load_splits, run_split
+from cammsr.evaluate import ranking
 from cammsr.evaluate.recommend import read_user_list, run_recommend
 from cammsr.model.io import build_model, item_ids_sha256, load_checkpoint, save_checkpoint
 from features.store import FeatureRows, read_rows, write_rows
@@ -84,7 +85,8 @@ def _by_user(table: pl.DataFrame) -> dict[str, list[tuple[str, float]]]:
 
 
 @pytest.mark.parametrize("exclude_seen", [True, False])
-def test_recommendations_equal_a_direct_argsort_of_the_model_scores(trained, exclude_seen):
+def test_recommendations_equal_a_direct_argsort_of_the_model_scores(trained, exclude_seen, monkeypatch):
+    monkeypatch.setattr(ranking, "RANK_SPAN", 32)  # several spans of user vectors, each of two batches
     params = RecommendParams(k=7, exclude_seen=exclude_seen, batch_size=16)  # several batches
     summary = run_recommend("tiny", params, trained, device="cpu")
     split = load_splits(trained.splits_dir)
