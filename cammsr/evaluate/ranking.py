@@ -71,18 +71,26 @@ def rank_targets_by_protocol(score_fn: ScoreFn, histories: Sequence[np.ndarray],
                              ) -> dict[bool, np.ndarray]:
     """`rank_targets` under each history-masking choice in ``masks``, scoring every user once."""
     packed = PackedSequences.of(histories)
-    lengths = packed.lengths
-    order = np.argsort(lengths, kind="stable")
+    order = np.argsort(packed.lengths, kind="stable")
     ranks = {mask: np.empty(len(histories), dtype=np.int64) for mask in masks}
     if precision == torch.bfloat16 and isinstance(score_fn, FactoredScores):
         _rank_exactly(score_fn, packed, order, targets, batch_size, tuple(masks), device, ranks)
-        release_free_memory()
-        return ranks
+    else:
+        _rank_by_scores(score_fn, packed, order, targets, batch_size, masks, device, ranks)
+    release_free_memory()  # what the pass freed, so the next phase does not start from its high-water mark
+    return ranks
+
+
+def _rank_by_scores(score_fn: ScoreFn, packed: PackedSequences, order: np.ndarray, targets: np.ndarray,
+                    batch_size: int, masks: Sequence[bool], device: torch.device | str,
+                    ranks: dict[bool, np.ndarray]) -> None:
+    """The float32 path of `rank_targets_by_protocol`, into ``ranks``: every item scored, ``batch_size`` users at
+    a time, and each target's rank counted."""
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         seq = packed.padded(idx).to(device)  # [B, L]
         tgt = torch.from_numpy(targets[idx]).to(device)  # [B]
-        scores = score_by_length(score_fn, packed, idx, lengths, device).float()  # [B, N+1]
+        scores = score_by_length(score_fn, packed, idx, packed.lengths, device).float()  # [B, N+1]
         scores[:, 0] = float("-inf")
         for mask in sorted(masks):  # unmasked first: masking writes into the scores
             if mask:
@@ -90,8 +98,6 @@ def rank_targets_by_protocol(score_fn: ScoreFn, histories: Sequence[np.ndarray],
                 scores.scatter_(1, seq, float("-inf"))
                 scores.scatter_(1, tgt[:, None], keep)
             ranks[mask][idx] = target_ranks(scores, tgt).cpu().numpy()
-    release_free_memory()  # what the pass freed, so the next phase does not start from its high-water mark
-    return ranks
 
 
 def _rank_exactly(score_fn: FactoredScores, packed: PackedSequences, order: np.ndarray, targets: np.ndarray,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cammsr.data.batches import PackedSequences
 from cammsr.evaluate.metrics import NonFiniteScoresError
 
 GROUP = 32  # columns per group in the grouped top-k (16 and 128 measured slower)
@@ -91,10 +92,8 @@ class Exclusions:
     @classmethod
     def of(cls, rows: Sequence[np.ndarray]) -> Exclusions:
         """One row per array of ``rows`` (e.g. each user's whole sequence of item indices)."""
-        lengths = np.array([len(r) for r in rows], dtype=np.int64)
-        stop = np.cumsum(lengths)
-        flat = np.concatenate(rows).astype(np.int64, copy=False) if len(rows) else np.zeros(0, np.int64)
-        return cls(flat, stop - lengths, stop)
+        packed = PackedSequences.of(rows)
+        return cls(packed.flat, packed.starts, packed.starts + packed.lengths)
 
     def take(self, rows: np.ndarray) -> Exclusions:
         """The exclusions of ``rows``, in that order (the flat array is shared, not copied)."""
