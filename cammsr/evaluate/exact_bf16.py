@@ -10,8 +10,9 @@ to ~1% of ||h|| ||t_i||, far more than the gaps between neighbouring items. Two 
    on ``[h_hi, h_lo, h_hi, -c_hi, -c_lo] . [t_hi, t_hi, t_lo, 1, 1]`` = h.t_i - c + O(2^-16), with c the
    target's score (float64). Its output, rounded to bfloat16, is therefore the *sign* of s_i - c
    wherever |s_i - c| exceeds a proven bound E (a few 1e-5 of ||h|| max||t||): rounding to nearest
-   never flips a sign. The matmul is 3D + 2 wide; at D = 64 it costs the same as a D-wide one (its
-   output, not its depth, bounds it).
+   never flips a sign. The matmul is 3D + 2 deep; with AMX, at D = 64, it costs about what a D-deep
+   one does (its output, not its depth, bounds it); with AVX512-BF16 alone the depth counts, and the
+   bfloat16 pass (196 deep) runs at the CPU's bfloat16 peak, still ahead of a float32 matmul 64 deep.
 2. **The items within E of the target are rechecked exactly**: their dot products in float64 (the
    products of float32 numbers are exact there), a handful per user.
 
@@ -73,8 +74,8 @@ class ExactBF16Ranker:
         self.items64 = items.double()
         hi, lo = split_bf16(items)
         ones = torch.ones(len(items), 2, dtype=torch.bfloat16, device=items.device)
-        # zero columns up to a multiple of 32: AMX tiles take 32 bf16 per row (194 wide measured 1.4x slower than 224)
-        self.width = -(-(3 * items.shape[1] + 2) // 32) * 32
+        multiple = width_multiple(items.device)
+        self.width = -(-(3 * items.shape[1] + 2) // multiple) * multiple  # zero columns up to it
         pad = torch.zeros(len(items), self.width - 3 * items.shape[1] - 2, dtype=torch.bfloat16, device=items.device)
         self.table = torch.cat([hi, hi, lo, ones, pad], dim=1)  # [N+1, K]
         # the CPU blocks multiply by a [K, N+1] copy: oneDNN reads it as it is instead of re-laying the [N+1, K]
@@ -169,6 +170,16 @@ class ExactBF16Ranker:
         r, j = keep.nonzero(as_tuple=True)
         hit = self.exact_scores(h64, r, seq[r, j]) >= c[r]
         return torch.zeros(len(seq), dtype=torch.int64, device=seq.device).index_add_(0, r, hit.long())
+
+
+def width_multiple(device: torch.device) -> int:
+    """The matmul's depth is padded with zero columns to a multiple of this: 32 on CUDA and on a CPU with AMX,
+    whose tiles take 32 bfloat16 per row (194 deep measured 1.4x slower than 224 there); 4 on other CPUs,
+    where AVX512-BF16 multiplies pairs and every column costs its share (224 deep measured 1.15-1.2x slower
+    than 196 on one)."""
+    if device.type == "cpu" and not torch.cpu._is_amx_tile_supported():
+        return 4
+    return 32
 
 
 def _round_up_bf16(x: torch.Tensor) -> torch.Tensor:

@@ -119,10 +119,13 @@ def test_exact_ties_and_near_ties(seed):
     assert not torch.equal(target_ranks(naive.float(), targets), expected)
 
 
+@pytest.mark.parametrize("multiple", [32, 4, 1])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_near_ties_at_the_size_of_the_rounding_bound(seed):
+def test_near_ties_at_the_size_of_the_rounding_bound(seed, multiple, monkeypatch):
     """Twins of each target moved by 1e-8..1e-3 of its length: many land inside the bfloat16 bound, some
-    inside the hi/lo split's own error, so a bound that were too small would certify wrong signs."""
+    inside the hi/lo split's own error, so a bound that were too small would certify wrong signs. The same
+    ranks whatever the matmul's depth is padded to (AMX CPUs, other CPUs, none)."""
+    monkeypatch.setattr(exact_bf16, "width_multiple", lambda device: multiple)
     g = torch.Generator().manual_seed(seed)
     n, b, d = 800, 200, 48
     items = torch.randn(n + 1, d, generator=g)
@@ -139,8 +142,15 @@ def test_near_ties_at_the_size_of_the_rounding_bound(seed):
     s = (h.double()[:, None, :] * items.double()[None]).sum(-1)  # [B, N+1] exact products, float64 sums
     s[:, 0] = float("-inf")
     expected = (s >= s.gather(1, targets[:, None])).sum(1) - 1
-    got = ExactBF16Ranker(items).ranks(h, targets)[False]
-    assert torch.equal(got, expected)
+    ranker = ExactBF16Ranker(items)
+    assert ranker.width % multiple == 0 and ranker.width - 3 * d - 2 < multiple
+    assert torch.equal(ranker.ranks(h, targets)[False], expected)
+
+
+def test_width_multiple_pads_for_amx_tiles_only_where_the_cpu_has_them():
+    amx = torch.cpu._is_amx_tile_supported()
+    assert exact_bf16.width_multiple(torch.device("cpu")) == (32 if amx else 4)
+    assert exact_bf16.width_multiple(torch.device("meta")) == 32
 
 
 def test_ties_count_against_the_target():

@@ -77,6 +77,29 @@ def test_attention_math_matches_sdpa(masked, monkeypatch):
     assert torch.allclose(got, expected, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("training", [False, True])
+def test_attention_without_dropout_matches_sdpa_in_value_and_gradient(masked, training):
+    """Not dropping (eval, or p = 0) on a CPU, the spelled-out path gives SDPA's output and gradients."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(4, 2, 7, 8, generator=g) for _ in range(3))
+    mask = None
+    if masked:
+        last = torch.tensor([6, 3, 0, 1])
+        q = q[torch.arange(4), :, last][:, :, None]  # [4, 2, 1, 8]
+        mask = (torch.arange(7)[None, :] <= last[:, None])[:, None, None, :]
+    grad = torch.randn(q.shape, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = attention(*leaves, mask, 0.0 if training else 0.5, training=training)
+    got.backward(grad)
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = F.scaled_dot_product_attention(*ref, attn_mask=mask, is_causal=mask is None)
+    expected.backward(grad)
+    assert torch.allclose(got, expected, atol=1e-6)
+    for a, b in zip(leaves, ref, strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
 def test_attention_dropout_drops_weights_at_the_rate():
     torch.manual_seed(0)
     q = k = torch.zeros(1, 1, 400, 8)
