@@ -12,7 +12,8 @@ to ~1% of ||h|| ||t_i||, far more than the gaps between neighbouring items. Two 
    wherever |s_i - c| exceeds a proven bound E (a few 1e-5 of ||h|| max||t||): rounding to nearest
    never flips a sign. The matmul is 3D + 2 deep; with AMX, at D = 64, it costs about what a D-deep
    one does (its output, not its depth, bounds it); with AVX512-BF16 alone the depth counts, and the
-   bfloat16 pass (196 deep) runs at the CPU's bfloat16 peak, still ahead of a float32 matmul 64 deep.
+   bfloat16 pass (196 deep) runs at the CPU's bfloat16 peak, about the time of a float32 matmul 65
+   deep, with half the bytes of output to classify.
 2. **The items within E of the target are rechecked exactly**: their dot products in float64 (the
    products of float32 numbers are exact there), a handful per user.
 
