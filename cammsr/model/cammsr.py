@@ -176,6 +176,15 @@ class FrozenFeatures(nn.Module):
         self.register_buffer("present", present.bool(), persistent=False)  # [N+1]
         self._converted: tuple[tuple, torch.Tensor] | None = None
         self._projected: tuple[tuple, torch.Tensor] | None = None
+        self._absent: tuple[tuple, torch.Tensor] | None = None
+
+    def absent_rows(self) -> torch.Tensor:
+        """The real items (row 0, padding, left out) without this modality: LongTensor [R], kept while
+        ``present`` is unchanged."""
+        key = (self.present.data_ptr(), self.present._version, self.present.device)
+        if self._absent is None or self._absent[0] != key:
+            self._absent = (key, (~self.present[1:]).nonzero().squeeze(1) + 1)
+        return self._absent[1]
 
     def features_for_matmul(self) -> torch.Tensor:
         """The features in the dtype autocast gives a Linear here (float32 without autocast), converted once
@@ -584,6 +593,20 @@ class CAMMSR(nn.Module):
         ``tables``: the `item_tables` of this batch, when already computed; ``refined``: `refined_tables`, when
         already computed (eval mode), read instead of running CAMoE over every item again with ``score_refined``.
         """
+        parts = self.score_parts(tables, refined)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)  # one modality: no copy
+
+    def score_grad_rows(self) -> list[torch.Tensor | None]:
+        """Per block of `score_parts`, the rows training learns (None: all). A frozen content table
+        (``content_table="frozen"``, no learned scale) is fixed but for the missing vector of the items that
+        lack the modality: the CE then computes that block's gradient at those items only."""
+        fixed = (self.cfg.content_table == "frozen" and not (self.cfg.score_refined and self.use_moe)
+                 and self.cfg.score_scale != "learned")
+        return [self.frozen[m].absent_rows() if fixed and m in self.frozen else None for m in self.mods]
+
+    def score_parts(self, tables: dict[str, torch.Tensor] | None = None,
+                    refined: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """`score_table`'s blocks, one [N+1, d] per modality in order."""
         if self.cfg.score_refined and self.use_moe:  # the same refinement as the sequence side's items
             if refined is None:
                 refined, _, _ = self.camoe(torch.arange(self.cfg.num_items + 1, device=self.pos_emb.weight.device),
@@ -598,7 +621,7 @@ class CAMMSR(nn.Module):
         if self.cfg.score_scale == "learned":  # scaling the table scales that modality's score term
             scale = self.log_score_scale.exp()  # [M]
             tables = [t * scale[j] for j, t in enumerate(tables)]
-        return tables[0] if len(tables) == 1 else torch.cat(tables, dim=-1)  # one modality: no copy
+        return tables
 
     def scores(self, z: torch.Tensor, tables: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Sum over modalities of <Z_m, table_m>: z [M, P, d] -> scores [P, N+1] (padding at -inf)."""
@@ -661,8 +684,8 @@ class CAMMSR(nn.Module):
         h = z.permute(1, 0, 2).flatten(1)  # [P, M*d]
         # CE over the real items only (the padding row's score -inf): the same loss as `scores`, computed a
         # block of targets at a time so that the [P, N] score matrix is never held whole (see chunked_ce.py).
-        ce = chunked_softmax_ce(h, self.score_table(tables), targets.flatten()[at], compute_dtype=self.ce_dtype,
-                                padding_row=True)  # summed over P targets
+        ce = chunked_softmax_ce(h, self.score_parts(tables), targets.flatten()[at], compute_dtype=self.ce_dtype,
+                                padding_row=True, grad_rows=self.score_grad_rows())  # summed over P targets
         loss_rec = ce / (normalizer if normalizer is not None else max(int(pos.sum()), 1))
         parts = {"rec": loss_rec.detach()}
         loss = loss_rec

@@ -26,6 +26,9 @@ probability (relative ~1e-5 on the sum).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -57,31 +60,61 @@ def release_workspace() -> None:
 
 class _ChunkedSoftmaxCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, chunk: int,
-                compute_dtype: torch.dtype, padding_row: bool) -> torch.Tensor:
+    def forward(ctx, h: torch.Tensor, targets: torch.Tensor, chunk: int, compute_dtype: torch.dtype,
+                padding_row: bool, grad_rows: tuple, *parts: torch.Tensor) -> torch.Tensor:
         with torch.autocast(h.device.type, enabled=False):  # dtypes are explicit here
-            return _forward(ctx, h, table, targets, chunk, compute_dtype, padding_row)
+            return _forward(ctx, h, parts, grad_rows, targets, chunk, compute_dtype, padding_row)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        grad_h, grad_table_t = ctx.saved_tensors
-        return (grad_h * grad_out if ctx.needs_input_grad[0] else None,
-                grad_table_t.T * grad_out if ctx.needs_input_grad[1] else None, None, None, None, None)
+        grad_h, *grad_parts_t = ctx.saved_tensors
+        need_parts = ctx.needs_input_grad[6:]
+        return (grad_h * grad_out if ctx.needs_input_grad[0] else None, None, None, None, None, None,
+                *(g.T * grad_out if need else None for g, need in zip(grad_parts_t, need_parts, strict=True)))
 
 
-def _forward(ctx, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, chunk: int,
-             compute_dtype: torch.dtype, padding_row: bool) -> torch.Tensor:
+@dataclass(frozen=True)
+class _GradRun:
+    """Columns [start, end) of the table whose gradient one matmul per block of targets computes: the blocks
+    ``parts`` (side by side), at every row (``rows`` None) or at ``rows`` only."""
+
+    start: int
+    end: int
+    parts: tuple[int, ...]
+    rows: torch.Tensor | None
+
+
+def _grad_runs(widths: list[int], need: tuple[bool, ...], grad_rows: tuple) -> list[_GradRun]:
+    """The blocks that need a gradient, neighbours needing every row joined into one run."""
+    runs: list[_GradRun] = []
+    start = 0
+    for j, (w, n, rows) in enumerate(zip(widths, need, grad_rows, strict=True)):
+        last = runs[-1] if runs else None
+        if n and rows is None and last is not None and last.rows is None and last.end == start:
+            runs[-1] = _GradRun(last.start, start + w, (*last.parts, j), None)
+        elif n:
+            runs.append(_GradRun(start, start + w, (j,), rows))
+        start += w
+    return runs
+
+
+def _forward(ctx, h: torch.Tensor, parts: tuple[torch.Tensor, ...], grad_rows: tuple, targets: torch.Tensor,
+             chunk: int, compute_dtype: torch.dtype, padding_row: bool) -> torch.Tensor:
     low = compute_dtype != torch.float32
-    hx, tx = h.to(compute_dtype), table.to(compute_dtype)  # [P, d], [N, d] (no copy in float32)
+    hx = h.to(compute_dtype)  # [P, d] (no copy in float32)
+    tx = parts[0].to(compute_dtype) if len(parts) == 1 else torch.cat([t.to(compute_dtype) for t in parts], 1)  # [N, d]
     P = len(h)
     if low and h.device.type == "cpu" and P % ROW_QUANTUM:  # zero rows to a whole quantum, left out below
         pad = ROW_QUANTUM - P % ROW_QUANTUM
         hx = torch.cat([hx, hx.new_zeros(pad, hx.shape[1])])
         targets = torch.cat([targets, targets.new_zeros(pad)])
     loss = h.new_zeros((), dtype=torch.float32)
-    need_h, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    widths = [t.shape[1] for t in parts]
+    runs = _grad_runs(widths, tuple(ctx.needs_input_grad[6:]), grad_rows)
+    need_h, need_table = ctx.needs_input_grad[0], bool(runs)
     grad_h = torch.empty_like(h) if need_h else None
-    grad_table_t = None  # [d, N]: h.T @ grad writes it contiguously (grad.T @ h into [N, d] measured 2.5x slower)
+    # per run [d_run, N or rows]: h.T @ grad writes it contiguously (grad.T @ h into [N, d] measured 2.5x slower)
+    grad_runs_t: list[torch.Tensor | None] = [None] * len(runs)
     rows = torch.arange(min(chunk, len(hx)), device=h.device)
     score_block, prob_block = block_workspace(h.device, hx.dtype, min(chunk, len(hx)), len(tx))
     for start in range(0, P, chunk):  # a block of padding rows only (chunk < ROW_QUANTUM) is skipped
@@ -104,23 +137,39 @@ def _forward(ctx, h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor, c
         grad[real:] = 0  # padding rows: no gradient
         if need_h:
             grad_h[start : start + real] = (grad @ tx)[:real]  # [c, d]
-        if need_table:
-            part = hc.T @ grad  # [d, N]
-            grad_table_t = part.float() if grad_table_t is None else grad_table_t.add_(part)
-    if need_table and grad_table_t is None:  # no rows at all
-        grad_table_t = table.new_zeros(table.shape[1], table.shape[0])
-    ctx.save_for_backward(grad_h, grad_table_t)
+        for r, run in enumerate(runs):
+            cols = grad if run.rows is None else grad.index_select(1, run.rows)  # [c, N or R]
+            part = hc[:, run.start : run.end].T @ cols  # [d_run, N or R]
+            grad_runs_t[r] = part.float() if grad_runs_t[r] is None else grad_runs_t[r].add_(part)
+    grad_parts_t = [parts[0].new_zeros(0)] * len(parts)  # placeholders where no gradient is needed
+    for run, g in zip(runs, grad_runs_t, strict=True):
+        if run.rows is not None:  # the other rows' gradient is 0 (their entries do not depend on what is learned)
+            full = parts[0].new_zeros(run.end - run.start, len(tx))
+            g = full if g is None else full.index_copy_(1, run.rows, g)
+        elif g is None:  # no targets at all
+            g = parts[0].new_zeros(run.end - run.start, len(tx))
+        offset = 0
+        for j in run.parts:
+            grad_parts_t[j] = g[offset : offset + widths[j]]  # [d_j, N]
+            offset += widths[j]
+    ctx.save_for_backward(grad_h, *grad_parts_t)
     return loss
 
 
-def chunked_softmax_ce(h: torch.Tensor, table: torch.Tensor, targets: torch.Tensor,
+def chunked_softmax_ce(h: torch.Tensor, table: torch.Tensor | Sequence[torch.Tensor], targets: torch.Tensor,
                        chunk: int = CHUNK_ROWS, compute_dtype: torch.dtype | None = None,
-                       padding_row: bool = False) -> torch.Tensor:
+                       padding_row: bool = False, grad_rows: Sequence[torch.Tensor | None] | None = None
+                       ) -> torch.Tensor:
     """Summed CE of scores ``h @ table.T`` against ``targets``, block by block.
 
     Args:
         h: FloatTensor [P, d] one row per target position.
-        table: FloatTensor [N, d] the items that can be predicted.
+        table: FloatTensor [N, d] the items that can be predicted, or its column blocks side by side
+            ([N, d_1], [N, d_2], ...: the table is their concatenation); a block that needs no gradient gets none.
+        grad_rows: per block (with ``table`` in blocks), None or LongTensor [R] the only rows whose gradient is
+            wanted: the others get 0, and the gradient matmul of that block runs over R items instead of N. For a
+            block that is fixed except at a few rows (CAMMSR's frozen text and image tables, learned only in the
+            missing vector of the items without that content): the same gradients, a third of the matmul.
         targets: LongTensor [P] column of each row's target in ``table``.
         chunk: rows scored at once.
         compute_dtype: dtype of the matmuls and the softmax input (float32 or bfloat16); None: bfloat16
@@ -131,8 +180,13 @@ def chunked_softmax_ce(h: torch.Tensor, table: torch.Tensor, targets: torch.Tens
 
     Under CUDA autocast this falls back to ``F.cross_entropy`` on the whole score matrix (CUDA AMP as before).
     """
+    parts = (table,) if isinstance(table, torch.Tensor) else tuple(table)
+    grad_rows = (None,) * len(parts) if grad_rows is None else tuple(grad_rows)
+    if len(grad_rows) != len(parts):
+        raise ValueError(f"grad_rows: one entry per table block expected ({len(parts)}), found {len(grad_rows)}")
     device = h.device.type
     if device != "cpu" and torch.is_autocast_enabled(device):
+        table = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         if padding_row:
             table, targets = table[1:], targets - 1
         return F.cross_entropy(h @ table.T, targets, reduction="sum")
@@ -142,4 +196,5 @@ def chunked_softmax_ce(h: torch.Tensor, table: torch.Tensor, targets: torch.Tens
         compute_dtype = torch.bfloat16 if cpu_bf16 else torch.float32
     if compute_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"compute_dtype: expected float32 or bfloat16, found {compute_dtype}")
-    return _ChunkedSoftmaxCE.apply(h.float(), table.float(), targets, chunk, compute_dtype, padding_row)
+    return _ChunkedSoftmaxCE.apply(h.float(), targets, chunk, compute_dtype, padding_row, grad_rows,
+                                   *(t.float() for t in parts))

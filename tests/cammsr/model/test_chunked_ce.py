@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cammsr.model.chunked_ce import block_workspace, chunked_softmax_ce, release_workspace
+from cammsr.model.chunked_ce import _grad_runs, block_workspace, chunked_softmax_ce, release_workspace
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 7, 64])
@@ -41,6 +41,82 @@ def test_padding_row_equals_the_sliced_table(compute_dtype):
     assert torch.equal(got_t.grad[0], torch.zeros(8))  # never scored: no gradient
     assert torch.allclose(got_t.grad[1:], ref_t.grad, atol=1e-5)
 
+
+
+def _blocks_case(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(70, 12, generator=g) * 0.5
+    blocks = [torch.randn(15, w, generator=g) * 0.5 for w in (4, 5, 3)]
+    return h, blocks, torch.randint(1, 15, (70,), generator=g)
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("learned", [(True, False, False), (False, True, True), (True, False, True), (False,) * 3])
+def test_table_in_blocks_equals_the_whole_table(compute_dtype, learned):
+    """Column blocks side by side give the whole table's loss and gradients; a block that needs no gradient
+    gets none."""
+    h, blocks, targets = _blocks_case(2)
+    ref_h, ref_t = h.clone().requires_grad_(), torch.cat(blocks, 1).requires_grad_()
+    ref = chunked_softmax_ce(ref_h, ref_t, targets, chunk=32, compute_dtype=compute_dtype, padding_row=True)
+    (1.5 * ref).backward()
+    got_h = h.clone().requires_grad_()
+    parts = [b.clone().requires_grad_(need) for b, need in zip(blocks, learned, strict=True)]
+    got = chunked_softmax_ce(got_h, parts, targets, chunk=32, compute_dtype=compute_dtype, padding_row=True)
+    (1.5 * got).backward()
+    assert torch.allclose(got, ref, rtol=1e-5)
+    assert torch.allclose(got_h.grad, ref_h.grad, atol=1e-5)
+    start = 0
+    for part, need in zip(parts, learned, strict=True):
+        w = part.shape[1]
+        if need:
+            assert torch.allclose(part.grad, ref_t.grad[:, start : start + w], atol=1e-5)
+        else:
+            assert part.grad is None
+        start += w
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [[3, 7, 12], [], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14]])
+def test_fixed_block_learned_at_a_few_rows_gets_the_same_gradients(compute_dtype, rows):
+    """A block fixed but at some rows (a learned vector there, as CAMMSR's missing vectors): with those rows as
+    ``grad_rows``, the vector's gradient and every other gradient equal those of the whole-table CE."""
+    h, blocks, targets = _blocks_case(3)
+    absent = torch.zeros(15, dtype=torch.bool)
+    absent[rows] = True
+
+    def run(grad_rows):
+        hh = h.clone().requires_grad_()
+        id_block = blocks[0].clone().requires_grad_()
+        missing = torch.full((5,), 0.3).requires_grad_()
+        content = torch.where(absent[:, None], missing, blocks[1])  # [15, 5] fixed but at `rows`
+        loss = chunked_softmax_ce(hh, [id_block, content, blocks[2]], targets, chunk=32, compute_dtype=compute_dtype,
+                                  padding_row=True, grad_rows=grad_rows)
+        (0.7 * loss).backward()
+        return loss.detach(), hh.grad, id_block.grad, missing.grad
+
+    ref = run(None)
+    got = run([None, torch.tensor(rows, dtype=torch.long), None])
+    assert torch.allclose(got[0], ref[0], rtol=1e-5)
+    for a, b in zip(got[1:], ref[1:], strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert (got[3] != 0).any() == bool(rows)
+
+
+def test_grad_rows_need_one_entry_per_block():
+    h, blocks, targets = _blocks_case(4)
+    with pytest.raises(ValueError, match="one entry per table block"):
+        chunked_softmax_ce(h, blocks, targets, grad_rows=[None])
+
+
+def test_grad_runs_join_neighbouring_blocks_that_need_every_row():
+    rows = torch.tensor([2])
+    spans = lambda runs: [(r.start, r.end, r.parts, r.rows is None) for r in runs]  # noqa: E731
+    assert spans(_grad_runs([4, 5, 3], (True, False, False), (None,) * 3)) == [(0, 4, (0,), True)]
+    assert spans(_grad_runs([4, 5, 3], (True, True, False), (None,) * 3)) == [(0, 9, (0, 1), True)]
+    assert spans(_grad_runs([4, 5, 3], (True, False, True), (None,) * 3)) == [(0, 4, (0,), True), (9, 12, (2,), True)]
+    assert spans(_grad_runs([4, 5, 3], (True, True, True), (None, rows, None))) == [
+        (0, 4, (0,), True), (4, 9, (1,), False), (9, 12, (2,), True)]
+    assert _grad_runs([4, 5, 3], (False, False, False), (None,) * 3) == []
 
 def test_hand_computed_value_and_frozen_table():
     h = torch.tensor([[1.0, 0.0]], requires_grad=True)

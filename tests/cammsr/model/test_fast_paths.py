@@ -74,3 +74,24 @@ def test_score_table_from_the_shared_tables_is_the_score_table(overrides):
         assert torch.equal(shared[:, d:2 * d], model.frozen_table("text"))
         assert torch.equal(shared[5, d:2 * d], torch.full((d,), 0.7))
         assert set(model.item_tables()) == ({"id", "text", "image"} if overrides.get("score_refined") else {"id"})
+
+
+@pytest.mark.parametrize("overrides", SWITCHES, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_the_ce_learns_frozen_content_tables_at_their_absent_items_only_with_the_same_gradients(overrides,
+                                                                                               monkeypatch):
+    """The CE computes a frozen content table's gradient at the items without that content (items 5 and 7 here),
+    which is all the missing vector learns from it: every gradient equals the whole-table CE's."""
+    model = make_model(**overrides).train()
+    rows = model.score_grad_rows()
+    frozen = model.cfg.content_table == "frozen" and not model.cfg.score_refined and model.cfg.score_scale == "none"
+    if frozen:
+        assert [r.tolist() if r is not None else None for r in rows] == [None, [5], [7]]
+    else:
+        assert rows == [None] * len(model.mods)
+    loss, grads = _loss(model, 0)
+    monkeypatch.setattr(model, "score_grad_rows", lambda: [None] * len(model.mods))
+    ref, ref_grads = _loss(model, 0)
+    assert torch.allclose(loss, ref, rtol=1e-6)
+    assert set(grads) == set(ref_grads)
+    for name in grads:
+        assert torch.allclose(grads[name], ref_grads[name], atol=1e-6), name
