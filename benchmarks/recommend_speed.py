@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from benchmarks import machine
 from benchmarks.vs_recbole import BENCH, prepare, scratch_params
 from cammsr.core.config import RecommendParams, load_params
 from cammsr.core.device import resolve_precision
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_rss_mb": max(c["peak_rss_mb"] for c in runs),
         "loop_vs_eval_plus_write": round(best["loop_s"] / (min(eval_s) + best["write_s"]), 2),
         "loop_vs_eval_serving_histories_plus_write": round(best["loop_s"] / (min(serving_s) + best["write_s"]), 2),
+        "machine": machine.describe(),
     }
     print(f"\n{args.catalog}: {result['users']} users x {result['items']} items, {args.model} checkpoint, "
           f"{args.threads} threads, best of {args.repeats}")

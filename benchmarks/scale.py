@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks import machine
 from cammsr.core.config import EvaluateParams, SplitParams, TrainParams
 from cammsr.core.device import resolve_precision
 from cammsr.core.malloc import tune_glibc_malloc
@@ -161,6 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
         "users_span": f"{large['users_x']:g}x over {small['users_x']:g}x",
         "items_span": f"{more_items['items_x']:g}x over 1x items at {more_items['users_x']:g}x users",
         "scales": rows,
+        "machine": machine.describe(),
     }
     print(json.dumps(result))
     return result

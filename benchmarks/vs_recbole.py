@@ -45,6 +45,7 @@ from statistics import mean, median, stdev
 import numpy as np
 import yaml
 
+from benchmarks import machine
 from cammsr.core.config import load_params
 from cammsr.core.paths import CatalogPaths
 from cammsr.data.export_recbole import check_targets, export_dir, run_export_recbole
@@ -304,6 +305,7 @@ def main() -> None:
         "peak_rss_mb_recbole": round(r0["peak_rss_mb"]), "peak_rss_mb_ours": round(o0["peak_rss_mb"]),
         "peak_rss_mb_cammsr": round(cammsr["peak_rss_mb"]) if cammsr else None,
         "targets_match": all(c.ok for c in checks),
+        "machine": machine.describe(),
     }
     print(json.dumps(result))
 

@@ -51,15 +51,24 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     return torch.autocast(device_type="cuda", dtype=_DTYPES[dtype])
 
 
+def cpu_bf16_units() -> str:
+    """What runs bfloat16 matmuls on this CPU, as torch sees it: "amx" (tiles, several times float32's speed),
+    "avx512_bf16" (dot products, about twice) or "none" (torch emulates them, slower than float32)."""
+    cpu = torch.cpu
+    if getattr(cpu, "_is_amx_tile_supported", lambda: False)():
+        return "amx"
+    if getattr(cpu, "_is_avx512_bf16_supported", lambda: False)():
+        return "avx512_bf16"
+    return "none"
+
+
 def bf16_matmul_supported(device: torch.device) -> bool:
     """Whether ``device`` runs bfloat16 matmuls natively: CUDA that supports bfloat16, or a CPU with
-    AMX tiles or AVX512-BF16 (elsewhere torch emulates them, slower than float32)."""
+    AMX tiles or AVX512-BF16 (`cpu_bf16_units`)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        cpu = torch.cpu
-        return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_amx_tile_supported",
-                                                                      "_is_avx512_bf16_supported"))
+        return cpu_bf16_units() != "none"
     return False
 
 

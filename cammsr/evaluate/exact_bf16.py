@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from cammsr.core.device import cpu_bf16_units
 from cammsr.evaluate.metrics import NonFiniteScoresError
 
 U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
@@ -178,7 +179,7 @@ def width_multiple(device: torch.device) -> int:
     whose tiles take 32 bfloat16 per row (194 deep measured 1.4x slower than 224 there); 4 on other CPUs,
     where AVX512-BF16 multiplies pairs and every column costs its share (224 deep measured 1.15-1.2x slower
     than 196 on one)."""
-    if device.type == "cpu" and not getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
+    if device.type == "cpu" and cpu_bf16_units() != "amx":
         return 4
     return 32
 

@@ -91,3 +91,15 @@ def test_synthetic_feature_twin_shares_the_split_and_gives_cammsr_three_modaliti
     assert model.mods == ("id", "text", "image")
     assert {m: model.frozen[m].features.shape[1] for m in ("text", "image")} == SYNTHETIC_DIMS
     assert all(bool(model.frozen[m].present[1:].all()) for m in ("text", "image"))
+
+
+def test_machine_names_the_cpu_its_cores_and_bf16_units(tmp_path):
+    from benchmarks import machine
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B14\nflags\t: fpu\n")
+    assert machine.cpu_model(info) == "AMD EPYC 9B14"
+    assert machine.cpu_model(tmp_path / "absent") != ""  # falls back to platform.processor() or "unknown"
+    d = machine.describe()
+    assert set(d) == {"cpu", "logical_cores", "bf16_units", "torch", "cuda"}
+    assert d["bf16_units"] in {"amx", "avx512_bf16", "none"} and d["logical_cores"] >= 1

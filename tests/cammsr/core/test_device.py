@@ -34,6 +34,21 @@ def test_auto_on_this_machine_matches_its_cpu():
     assert resolve_precision("auto", CPU) == (torch.bfloat16 if has else torch.float32)
 
 
+
+@pytest.mark.parametrize(("amx", "avx", "expected"), [(True, True, "amx"), (True, False, "amx"),
+                                                      (False, True, "avx512_bf16"), (False, False, "none")])
+def test_cpu_bf16_units_name_the_best_unit_and_decide_native_support(amx, avx, expected, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx, raising=False)
+    assert device_module.cpu_bf16_units() == expected
+    assert device_module.bf16_matmul_supported(CPU) == (expected != "none")
+
+
+def test_cpu_bf16_units_without_the_probes_is_none(monkeypatch):
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported", raising=False)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported", raising=False)
+    assert device_module.cpu_bf16_units() == "none"
+
 @pytest.mark.parametrize("bad", ["fp16", "float16", "BF16", ""])
 def test_unknown_choice_is_an_error_naming_it(bad):
     with pytest.raises(ValueError, match=f"precision '{bad}'"):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from cammsr.core.device import cpu_bf16_units
 from cammsr.evaluate import exact_bf16
 from cammsr.evaluate.exact_bf16 import ExactBF16Ranker, NonFiniteVectorsError, classify, split_bf16
 from cammsr.evaluate.metrics import NonFiniteScoresError, target_ranks
@@ -148,7 +149,7 @@ def test_near_ties_at_the_size_of_the_rounding_bound(seed, multiple, monkeypatch
 
 
 def test_width_multiple_pads_for_amx_tiles_only_where_the_cpu_has_them():
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    amx = cpu_bf16_units() == "amx"
     assert exact_bf16.width_multiple(torch.device("cpu")) == (32 if amx else 4)
     assert exact_bf16.width_multiple(torch.device("meta")) == 32
 
