@@ -1,6 +1,6 @@
 """Where a full-ranking pass goes, and what each evaluation fix buys, measured side by side in one run.
 
-    python -m benchmarks.eval_breakdown --catalog toys --params data/bench/params.yaml \
+    python -m benchmarks.eval_breakdown --catalog toys --params data/bench/params-toys.yaml \
         --run-dir data/bench/vs_recbole/toys/sasrec-s0-e15-p10-t2-b364 [--part valid] [--repeats 5]
 
 On one trained checkpoint and the catalog's valid (or test) users, batched and length-sorted as

@@ -2,7 +2,7 @@
 
 Started by `benchmarks.vs_recbole` in its own process (so peak RSS is this run's alone):
 
-    python -m benchmarks.ours_run --catalog toys --params data/bench/params.yaml --model sasrec \
+    python -m benchmarks.ours_run --catalog toys --params data/bench/params-toys.yaml --model sasrec \
         --epochs 2 --seed 0 --threads 2 --batch-size 364 --out result.json
 
 It calls `cammsr.train.trainer.run_train` (early stopping, best checkpoint) unchanged, timing each call of

@@ -1,6 +1,6 @@
 """Where our time goes: torch.profiler over training steps and one full-ranking pass.
 
-    python -m benchmarks.profile_ours --catalog toys --params data/bench/params.yaml [--model sasrec]
+    python -m benchmarks.profile_ours --catalog toys [--params data/bench/params-toys.yaml] [--model sasrec]
         [--steps 20] [--threads 2] [--eval-users 4096] [--malloc tuned|default] [--ce chunked|dense]
 
 Prints the top operators by self CPU time for (1) ``--steps`` training steps of `cammsr.train.trainer.train_epoch`'s
@@ -48,7 +48,8 @@ def train_steps(model, opt, inputs, targets, batches) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--catalog", default="toys")
-    ap.add_argument("--params", type=Path, default=Path("data/bench/params.yaml"))
+    ap.add_argument("--params", type=Path, default=None,
+                    help="default: data/bench/params-<catalog>.yaml, as benchmarks.vs_recbole writes it")
     ap.add_argument("--model", default="sasrec", choices=["sasrec", "cammsr"])
     ap.add_argument("--batch-size", type=int, default=364, help="sequences per step")
     ap.add_argument("--steps", type=int, default=20)
@@ -69,7 +70,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    p = load_params(args.params)
+    p = load_params(args.params or Path("data/bench") / f"params-{args.catalog}.yaml")
     paths = CatalogPaths.of(args.catalog, p.project.data_dir)
     split = load_splits(paths.splits_dir)
     train = p.train.model_copy(update={"model": args.model})

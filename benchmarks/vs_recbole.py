@@ -7,7 +7,7 @@
 
 What runs, each side in its own process (peak RSS is that process's own):
 1. the catalog's split (ingest + split when missing; with ``--params`` absent and the catalog ``toys``,
-   a scratch params file ``data/bench/params.yaml`` points at ``../shared/data/toys-seq/``), exported
+   a scratch params file ``data/bench/params-toys.yaml`` points at ``../shared/data/toys-seq/``), exported
    with `cammsr.data.export_recbole` to RecBole atomic files;
 2. per seed, RecBole's SASRec (`benchmarks/recbole_run.py`, in the RecBole venv, both known traps fixed:
    anomaly detection off, ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000``) and our SASRec
@@ -177,7 +177,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--catalog", default="toys")
     ap.add_argument("--params", type=Path, default=None, help="params file defining the catalog "
-                    "(default: a scratch data/bench/params.yaml for toys)")
+                    "(default: a scratch data/bench/params-<catalog>.yaml for toys or scientific)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds for the accuracy runs")
     ap.add_argument("--epochs", type=int, default=2, help="epoch cap of every run (RecBole needs ~40 to converge)")
     ap.add_argument("--patience", type=int, default=10, help="early stopping on valid NDCG@10 (RecBole default 10)")
