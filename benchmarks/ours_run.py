@@ -89,7 +89,8 @@ def main() -> None:
     precision = resolve_precision(evaluate.precision, torch.device("cpu"), auto_on=("cpu",))
     for mask in (False, True):
         w0, c0 = time.perf_counter(), time.process_time()
-        ranks = rank_targets(model_scores(model), hist, targets, evaluate.batch_size, mask, precision=precision)
+        ranks = rank_targets(model_scores(model), hist, targets, evaluate.batch_size, mask, precision=precision,
+                             cap=10)
         m = metrics_from_ranks(ranks, [10])
         test["masked" if mask else "unmasked"] = {
             "ndcg@10": m["ndcg@10"], "hr@10": m["hr@10"], "mrr@10": m["mrr@10"],

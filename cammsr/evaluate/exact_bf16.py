@@ -17,6 +17,12 @@ to ~1% of ||h|| ||t_i||, far more than the gaps between neighbouring items. Two 
 2. **The items within E of the target are rechecked exactly**: their dot products in float64 (the
    products of float32 numbers are exact there), a handful per user.
 
+3. **With a cap** (the metrics read ranks below max k only, as a top-k list does), a first pass 64 + 2 deep,
+   ``[h_hi, -c_hi, -c_lo] . [t_hi, 1, 1]`` (about a third of the work), counts the items it certifies above
+   the target (its bound is ~2^-7 of ||h|| max||t||, not ~2^-16). A user with at least ``cap`` of them
+   (``cap`` + its history length when the history is masked) ranks at or past ``cap``; only the others
+   go through 1 and 2.
+
 So the rank of every target is exactly what float32 (or real) arithmetic gives whenever its
 neighbours are further than float32 rounding (~1e-7 relative) from it, and exact ties (identical
 item vectors) count against the target as in `cammsr.evaluate.metrics.target_ranks`. Masked
@@ -27,7 +33,8 @@ The bound, for x split as above (u = 2^-8 the bfloat16 unit roundoff, K = 3D + 2
 accumulation with gamma_K = K 2^-24 / (1 - K 2^-24)): the matmul's exact value differs from
 h.t_i - c by at most 3.1 u^2 (A_i + |c|), with A_i = sum_k |h_k t_ik| <= ||h|| ||t_i||, and its
 float32 accumulation adds gamma_K (1.1 A_i + 1.1 |c|); flush-to-zero adds at most K 2^-126. An output
-o with |o| > E (1 + u) certifies the sign of s_i - c.
+o with |o| > E (1 + u) certifies the sign of s_i - c. The first pass's products h_hi t_hi differ from h t by
+at most (2u + u^2) |h t|, so there the first term is (2u + 2u^2) (A_i + |c|).
 """
 
 from __future__ import annotations
@@ -83,11 +90,15 @@ class ExactBF16Ranker:
         # the CPU blocks multiply by a [K, N+1] copy: oneDNN reads it as it is instead of re-laying the [N+1, K]
         # transpose out for every block (measured 1.65 vs 2.4 ms per block of 256 users at N = 12k)
         self.table_t = self.table.T.contiguous() if items.device.type == "cpu" else self.table.T
+        # the first pass of a capped ranking: [t_hi, 1, 1] (zero columns up to a multiple)
+        self.coarse_width = -(-(items.shape[1] + 2) // multiple) * multiple
+        pad = torch.zeros(len(items), self.coarse_width - items.shape[1] - 2, dtype=torch.bfloat16,
+                          device=items.device)
+        coarse = torch.cat([hi, ones, pad], dim=1)  # [N+1, K']
+        self.coarse_t = coarse.T.contiguous() if items.device.type == "cpu" else coarse.T
         self.norm_max = float(items[1:].norm(dim=1).max()) if len(items) > 1 else 0.0
-        k = self.table.shape[1]
-        gamma = k * U_F32 / (1 - k * U_F32)
-        self._rel = (3.1 * U_BF16**2 + 1.1 * gamma) * (1 + 1e-3)  # x (A + |c|), margin for the float64 parts
-        self._abs = k * 2.0**-126  # flush-to-zero of subnormal products
+        self._rel, self._abs = _bound_terms(self.table.shape[1], 3.1 * U_BF16**2)
+        self._coarse_rel, self._coarse_abs = _bound_terms(self.coarse_width, 2 * U_BF16 + 2 * U_BF16**2)
 
     def exact_scores(self, h64: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, chunk: int = 8192
                      ) -> torch.Tensor:
@@ -99,7 +110,7 @@ class ExactBF16Ranker:
                           for i in range(0, len(rows), chunk)])
 
     def ranks(self, h: torch.Tensor, targets: torch.Tensor, histories: torch.Tensor | None = None,
-              masks: tuple[bool, ...] = (False,)) -> dict[bool, torch.Tensor]:
+              masks: tuple[bool, ...] = (False,), cap: int | None = None) -> dict[bool, torch.Tensor]:
         """0-based rank of each target (items scoring >= it, the target excluded), per masking choice.
 
         Args:
@@ -108,6 +119,8 @@ class ExactBF16Ranker:
             histories: LongTensor [B, L] each user's earlier items (0 = padding), for ``True`` in ``masks``:
                 those items (but the target) leave the ranking.
             masks: which protocols to return (False = unmasked, True = history masked).
+            cap: ranks at or past it come back as ``cap`` (min(rank, cap)), exact below it: metrics at
+                k <= cap need no more, and most users are settled by a first pass a third as deep.
 
         Raises:
             NonFiniteVectorsError: a user vector is not finite.
@@ -115,27 +128,73 @@ class ExactBF16Ranker:
         h = h.detach().float().contiguous()
         if not torch.isfinite(h).all():
             raise NonFiniteVectorsError("NaN or infinity in a user vector: ranking stopped")
-        B = len(h)
-        rows = torch.arange(B, device=h.device)
+        if True in masks and histories is None:
+            raise ValueError("masked ranks need the histories")
         h64 = h.double()
-        c = self.exact_scores(h64, rows, targets)  # [B] float64 target scores
+        c = self.exact_scores(h64, torch.arange(len(h), device=h.device), targets)  # [B] float64 target scores
+        if cap is None:
+            return self._exact_ranks(h, h64, c, targets, histories, masks)
+        # a masked rank is at least the certified count less the history's positions
+        room = (histories > 0).sum(dim=1) if True in masks else torch.zeros_like(targets)  # [B]
+        need = (self._certified_above(h, c, targets) - room < cap).nonzero().squeeze(1)  # [R] users to rank
+        result = {m: torch.full_like(targets, cap) for m in masks}
+        if len(need):
+            exact = self._exact_ranks(h[need], h64[need], c[need], targets[need],
+                                      histories[need] if histories is not None else None, masks)
+            for m in masks:
+                result[m][need] = exact[m].clamp(max=cap)
+        return result
+
+    def _exact_ranks(self, h: torch.Tensor, h64: torch.Tensor, c: torch.Tensor, targets: torch.Tensor,
+                     histories: torch.Tensor | None, masks: tuple[bool, ...]) -> dict[bool, torch.Tensor]:
+        """`ranks` without a cap, given the user vectors in float32 and float64 and the target scores ``c``."""
+        B = len(h)
         c_hi, c_lo = split_bf16(-c.float())  # c's float32 rounding is folded into the bound below
         h_hi, h_lo = split_bf16(h)
         pad = h_hi.new_zeros(B, self.width - 3 * h.shape[1] - 2)
         lhs = torch.cat([h_hi, h_lo, h_hi, c_hi[:, None], c_lo[:, None], pad], dim=1)  # [B, K]
-        # E: the bound on |out_i (unrounded) - (s_i - c)|, plus the float32 rounding of c in the c column
-        a = h.norm(dim=1).double() * self.norm_max + c.abs()  # [B] >= A_i + |c|
-        bound = (a * self._rel + self._abs + c.abs() * U_F32 * 1.01) * (1 + 2 * U_BF16)
-        tau = _round_up_bf16(bound).view(torch.int16)  # [B]: |out| > tau certifies the sign
+        tau = self._tau(h, c, self._rel, self._abs)
         above, r, i = self._score_and_classify(lhs, tau, targets)  # certified s_i > c per row; the near pairs
         hit = self.exact_scores(h64, r, i) >= c[r]
         ranks = above + torch.zeros(B, dtype=torch.int64, device=h.device).index_add_(0, r, hit.long())
         result = {False: ranks}
         if True in masks:
-            if histories is None:
-                raise ValueError("masked ranks need the histories")
             result[True] = ranks - self._history_at_or_above(h64, c, targets, histories)
         return {m: result[m] for m in masks}
+
+    def _tau(self, h: torch.Tensor, c: torch.Tensor, rel: float, abs_: float) -> torch.Tensor:
+        """Per user, the int16 bits of the smallest bfloat16 above the bound E (1 + 2u): an output past it
+        certifies the sign of s_i - c. E bounds |out_i (unrounded) - (s_i - c)| by ``rel`` (A_i + |c|) +
+        ``abs_``, plus the float32 rounding of c in the c column."""
+        a = h.norm(dim=1).double() * self.norm_max + c.abs()  # [B] >= A_i + |c|
+        bound = (a * rel + abs_ + c.abs() * U_F32 * 1.01) * (1 + 2 * U_BF16)
+        return _round_up_bf16(bound).view(torch.int16)  # [B]
+
+    def _certified_above(self, h: torch.Tensor, c: torch.Tensor, targets: torch.Tensor,
+                         per_thread: bool | None = None) -> torch.Tensor:
+        """Per user, how many items the first pass certifies to score above the target: [B] (<= its rank).
+        ``per_thread`` as in `_score_and_classify`."""
+        c_hi, c_lo = split_bf16(-c.float())
+        h_hi = h.to(torch.bfloat16)
+        pad = h_hi.new_zeros(len(h), self.coarse_width - h.shape[1] - 2)
+        lhs = torch.cat([h_hi, c_hi[:, None], c_lo[:, None], pad], dim=1)  # [B, K']
+        tau = self._tau(h, c, self._coarse_rel, self._coarse_abs)
+        if not (lhs.device.type == "cpu" if per_thread is None else per_thread):
+            step = max(ROW_BLOCK, 2**28 // self.coarse_t.shape[1])
+            counts = []
+            for s in range(0, len(lhs), step):
+                out = lhs[s : s + step] @ self.coarse_t  # [b, N+1]
+                _leave_out(out, targets[s : s + step])
+                counts.append((out.view(torch.int16) > tau[s : s + step, None]).sum(dim=1))
+            return torch.cat(counts) if counts else targets.new_zeros(0)
+
+        def block(rows: slice) -> np.ndarray:
+            out = lhs[rows] @ self.coarse_t  # [b, N+1]
+            _leave_out(out, targets[rows])
+            return _count_above(out.view(torch.int16).numpy(), tau[rows].numpy()[:, None])
+
+        parts = _over_row_blocks(block, len(lhs), ROW_BLOCK, torch_threads=1)
+        return torch.from_numpy(np.concatenate(parts)) if parts else targets.new_zeros(0)
 
     def _score_and_classify(self, lhs: torch.Tensor, tau: torch.Tensor, targets: torch.Tensor,
                             per_thread: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -184,6 +243,29 @@ def width_multiple(device: torch.device) -> int:
     return 32
 
 
+def _bound_terms(depth: int, split_rel: float) -> tuple[float, float]:
+    """(rel, abs) of a pass ``depth`` deep whose products differ from the exact ones by at most ``split_rel``
+    (A_i + |c|): rel adds float32 accumulation, gamma_K (1.1 A_i + 1.1 |c|), with a margin for the float64
+    parts; abs is the flush-to-zero of subnormal products."""
+    gamma = depth * U_F32 / (1 - depth * U_F32)
+    return (split_rel + 1.1 * gamma) * (1 + 1e-3), depth * 2.0**-126
+
+
+def _count_above(o16: np.ndarray, t16: np.ndarray) -> np.ndarray:
+    """Per int16 row of ``o16`` [b, N] (bfloat16 bits), the entries above the row's positive bound ``t16`` [b, 1]
+    (compared as in `classify`): [b] int64."""
+    return _mark_above(o16, t16)[1]
+
+
+def _mark_above(o16: np.ndarray, t16: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`_count_above` and the bool rows it counted, padded to a multiple of 64 for the popcounts:
+    ([b, W] bool, [b] int64)."""
+    n, N = o16.shape
+    hits = np.zeros((n, -(-N // 64) * 64), dtype=np.bool_)
+    np.greater(o16, t16, out=hits[:, :N])
+    return hits, np.bitwise_count(hits.view(np.uint64)).sum(axis=1, dtype=np.int64)
+
+
 def _round_up_bf16(x: torch.Tensor) -> torch.Tensor:
     """Positive float64 x -> the smallest bfloat16 >= x (rounding to nearest may round down)."""
     b = x.float().to(torch.bfloat16)
@@ -218,11 +300,9 @@ def classify(out: torch.Tensor, tau: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 def _classify_rows(o16: np.ndarray, t16: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`classify` of int16 rows ``o16`` [b, N] against thresholds ``t16`` [b, 1]: (above [b], rows [P], cols [P])."""
-    n, N = o16.shape
-    width = -(-N // 64) * 64  # bool rows padded for 64-bit popcounts
-    hits = np.zeros((n, width), dtype=np.bool_)
-    np.greater(o16, t16, out=hits[:, :N])
-    above = np.bitwise_count(hits.view(np.uint64)).sum(axis=1, dtype=np.int64)
+    N = o16.shape[1]
+    hits, above = _mark_above(o16, t16)
+    width = hits.shape[1]
     np.less_equal(np.bitwise_and(o16, np.int16(0x7FFF)), t16, out=hits[:, :N])
     # few are near: find the nonzero 64-bit words first, then the bytes inside them
     words = np.flatnonzero(hits.view(np.uint64))  # [w]

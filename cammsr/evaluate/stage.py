@@ -35,9 +35,10 @@ matplotlib.use("Agg")
 log = logging.getLogger(__name__)
 # what metrics.json holds; `cammsr experiments` re-evaluates a finished run whose metrics are older
 EVALUATION_VERSION = 2  # 2: content kNN baselines and the model's late fusion with them
+SUMMARY_K = 10  # the cut-off of the per-category and per-popularity tables and of the fusion weight's pick
 
 
-def per_category(split: SplitData, targets: np.ndarray, ranks: dict[str, np.ndarray], k: int = 10
+def per_category(split: SplitData, targets: np.ndarray, ranks: dict[str, np.ndarray], k: int = SUMMARY_K
                  ) -> pl.DataFrame:
     """Test HR@k and NDCG@k of each ranker, grouped by the target item's category."""
     cats = split.item_category[targets]
@@ -89,6 +90,12 @@ def plot_weights(df: pl.DataFrame, path) -> None:
     plt.close(fig)
 
 
+def rank_cap(params: EvaluateParams) -> int:
+    """The deepest rank any metric here reads (params.ks; per category, per popularity bucket and for the fusion
+    weight, NDCG@10): ranks at or past it are all alike to them."""
+    return max([*params.ks, SUMMARY_K])
+
+
 def rank_parts(rankers: dict[str, ScoreFn], split: SplitData, split_params: SplitParams, params: EvaluateParams,
                device: torch.device, precision: torch.dtype
                ) -> tuple[dict[str, dict[str, dict[str, float]]], dict[str, np.ndarray]]:
@@ -102,7 +109,8 @@ def rank_parts(rankers: dict[str, ScoreFn], split: SplitData, split_params: Spli
         # test: both protocols from one scoring pass (the configured one is "test", the other beside it)
         masks = (params.mask_history,) if part == "valid" else (False, True)
         for ranker, fn in rankers.items():
-            ranks = rank_targets_by_protocol(fn, hist, targets, params.batch_size, masks, device, precision)
+            ranks = rank_targets_by_protocol(fn, hist, targets, params.batch_size, masks, device, precision,
+                                             rank_cap(params))
             for mask, r in ranks.items():
                 key = part if mask == params.mask_history else f"{part}_history_{'masked' if mask else 'unmasked'}"
                 results[ranker][key] = {k: round(v, 6) for k, v in metrics_from_ranks(r, params.ks).items()}
@@ -127,12 +135,13 @@ def run_evaluate(name: str, split_params: SplitParams, params: EvaluateParams, p
     hist, targets, _ = split.held_out("valid", split_params.max_seq_len)
     for knn in [r for r in rankers if r.endswith("_knn")]:
         betas[f"model+{knn}"], _ = best_fusion_beta(rankers["model"], rankers[knn], lambda fn: rank_targets(
-            fn, hist, targets, params.batch_size, params.mask_history, device, precision))
+            fn, hist, targets, params.batch_size, params.mask_history, device, precision, rank_cap(params)),
+            k=SUMMARY_K)
         rankers[f"model+{knn}"] = late_fusion(rankers["model"], rankers[knn], betas[f"model+{knn}"])
     results, test_ranks = rank_parts(rankers, split, split_params, params, device, precision)
     _, test_targets, _ = split.held_out("test", split_params.max_seq_len)
     labels = popularity_buckets(training_counts(split.train_sequences(), split.num_items))
-    metrics = {**results, "by_target_popularity": bucket_metrics(test_ranks, test_targets, labels),
+    metrics = {**results, "by_target_popularity": bucket_metrics(test_ranks, test_targets, labels, (SUMMARY_K,)),
                "model_name": ckpt.get("model_name", "?"), "users": len(test_targets),
                "items": split.num_items, "best_epoch": int(ckpt.get("epoch", -1)), "mask_history": params.mask_history,
                "fusion_beta": betas, "evaluation_version": EVALUATION_VERSION}

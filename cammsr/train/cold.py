@@ -128,7 +128,7 @@ def _cold_metrics(model, cold: ColdSplit, params: Params, device) -> dict[str, d
     hist, targets, is_cold = cold.test(params.splits.max_seq_len)
     precision = resolve_precision(params.evaluate.precision, device, auto_on=("cpu",))  # exact ranks either way
     ranks = rank_targets(model_scores(model), hist, targets, params.evaluate.batch_size,
-                         params.evaluate.mask_history, device, precision)
+                         params.evaluate.mask_history, device, precision, cap=K)
     return part_metrics(ranks, is_cold)
 
 

@@ -53,7 +53,7 @@ def validate(model: CAMMSR, split: SplitData, max_len: int, params: EvaluatePara
     hist, targets, _ = split.held_out(part, max_len)
     model.eval()
     ranks = rank_targets(model_scores(model), hist, targets, params.batch_size, params.mask_history, device,
-                         resolve_precision(params.precision, device, auto_on=("cpu",)))
+                         resolve_precision(params.precision, device, auto_on=("cpu",)), cap=max(params.ks))
     return metrics_from_ranks(ranks, params.ks)
 
 

@@ -255,3 +255,74 @@ def test_classify_lists_every_near_entry_of_a_row_that_is_all_near():
     assert above.tolist() == [497, 0, 0]
     pairs = list(zip(rows.tolist(), cols.tolist(), strict=True))
     assert pairs == [(0, 3), (0, 77), (0, 499), *((1, j) for j in range(500)), (2, 250)]
+
+
+def crowded_top(seed: int, cap: int, b: int = 60, n: int = 3000, d: int = 48):
+    """Per user a target far above the random items, ``cap`` - 10 .. ``cap`` - 3 items clearly above it (every
+    third user: ``cap`` + 20) and 12 twins of it within 1e-6..1e-2 of its length (inside the first pass's bound,
+    about half above it): true ranks straddle ``cap``, and an item the first pass wrongly certified would push
+    one past it."""
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randn(n + 1, d, generator=g)
+    h = torch.randn(b, d, generator=g)
+    order = (torch.randperm(n, generator=g) + 1).tolist()
+    targets = torch.tensor(order[:b])
+    free = iter(order[b:])
+    for u in range(b):
+        t = int(targets[u])
+        items[t] = h[u] / h[u].norm() * 7.0  # scores ~7 ||h||, the random items' ~N(0, ||h||^2)
+        for _ in range(cap + 20 if u % 3 == 2 else cap - 10 + int(torch.randint(0, 8, (1,), generator=g))):
+            items[next(free)] = items[t] * 1.5
+        for e in torch.logspace(-6, -2, 12):
+            items[next(free)] = items[t] + e * 7.0 * torch.randn(d, generator=g) / d**0.5
+    return h, items, targets
+
+
+def float64_ranks(h: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
+                  histories: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Ranks from float64 sums of the exact products; with ``histories``, those items (but the target) left out."""
+    s = (h.double()[:, None, :] * items.double()[None]).sum(-1)  # [B, N+1]
+    s[:, 0] = float("-inf")
+    c = s.gather(1, targets[:, None])
+    for u, hist in enumerate(histories or []):
+        s[u, hist[hist != targets[u]]] = float("-inf")
+    return (s >= c).sum(1) - 1
+
+
+@pytest.mark.parametrize("cap", [10, 20])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_capped_ranks_are_exact_below_the_cap(seed, cap, monkeypatch):
+    h, items, targets = crowded_top(seed, cap)
+    g = torch.Generator().manual_seed(seed)
+    # histories: some of the items above the target, some twins, some random items, repeats, the target itself
+    histories = [torch.cat([torch.randint(1, len(items), (int(torch.randint(1, 9, (1,), generator=g)),),
+                                          generator=g), targets[u : u + 1].repeat(u % 2)]) for u in range(len(h))]
+    for u in range(0, len(h), 3):
+        above = (items @ h[u] > items[targets[u]] @ h[u]).nonzero().squeeze(1)
+        histories[u] = torch.cat([histories[u], above[:3], above[:1]])
+    seq = torch.nn.utils.rnn.pad_sequence(histories, batch_first=True)  # [B, L], 0 = padding
+    full = {False: float64_ranks(h, items, targets), True: float64_ranks(h, items, targets, histories)}
+    assert ((full[False] > cap - 4) & (full[False] < cap)).sum() >= 5  # many just below the cap
+    ranker = ExactBF16Ranker(items)
+    ranked = []
+    exact_ranks_of = ranker._exact_ranks
+    monkeypatch.setattr(ranker, "_exact_ranks", lambda h, *a: ranked.append(len(h)) or exact_ranks_of(h, *a))
+    got = ranker.ranks(h, targets, seq, (False, True), cap=cap)
+    for mask in (False, True):
+        assert torch.equal(got[mask], full[mask].clamp(max=cap)), mask
+    assert 0 < ranked[0] < len(h)  # the first pass settled some users, not all
+    assert torch.equal(ranker.ranks(h, targets, seq, (False, True), cap=10**6)[True], full[True])
+    # the data is hard: a first pass that trusted its bfloat16 scores would settle users below the cap
+    monkeypatch.setattr(ranker, "_coarse_rel", 0.0)
+    assert not torch.equal(ranker.ranks(h, targets, seq, (False,), cap=cap)[False], full[False].clamp(max=cap))
+
+
+def test_capped_first_pass_in_blocks_one_after_another_counts_as_per_thread(monkeypatch):
+    h, items, targets = crowded_top(2, 20)
+    ranker = ExactBF16Ranker(items)
+    c = ranker.exact_scores(h.double(), torch.arange(len(h)), targets)
+    monkeypatch.setattr(exact_bf16, "ROW_BLOCK", 16)  # 4 blocks, the last one short
+    per_thread = ranker._certified_above(h, c, targets, per_thread=True)
+    assert torch.equal(per_thread, ranker._certified_above(h, c, targets, per_thread=False))  # what a GPU runs
+    truth = float64_ranks(h, items, targets)
+    assert (per_thread <= truth).all() and (per_thread >= 10).all()  # a lower bound, and a useful one

@@ -146,3 +146,21 @@ def test_length_runs_follow_the_rule_user_by_user(lengths, skewed):
     runs = length_runs(lengths)
     assert runs == _runs_user_by_user(lengths)
     assert [s for s, _ in runs[1:]] == [e for _, e in runs[:-1]] and (not runs or runs[-1][1] == len(lengths))
+
+
+@pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16])
+def test_capped_ranks_are_the_full_ranks_cut_at_the_cap(precision):
+    rng = np.random.default_rng(3)
+    table = torch.from_numpy(rng.standard_normal((301, 8)).astype(np.float32))
+    table[0] = 0
+    users = torch.from_numpy(rng.standard_normal((301, 8)).astype(np.float32)) * 3
+    scorer = FactoredScores(lambda seq, lengths: users[seq[torch.arange(len(seq)), lengths - 1]], table)
+    histories = [rng.integers(1, 301, rng.integers(1, 9)) for _ in range(200)]
+    targets = rng.integers(1, 301, 200)
+    full = rank_targets_by_protocol(scorer, histories, targets, 64, precision=precision)
+    capped = rank_targets_by_protocol(scorer, histories, targets, 64, precision=precision, cap=10)
+    for mask in (False, True):
+        assert np.array_equal(capped[mask], np.minimum(full[mask], 10)), mask
+        assert (full[mask] < 10).sum() >= 5 and (full[mask] > 10).sum() >= 100  # both sides of the cap
+    assert np.array_equal(rank_targets(scorer, histories, targets, 64, True, precision=precision, cap=10),
+                          capped[True])
