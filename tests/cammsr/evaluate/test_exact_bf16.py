@@ -322,7 +322,15 @@ def test_capped_first_pass_in_blocks_one_after_another_counts_as_per_thread(monk
     ranker = ExactBF16Ranker(items)
     c = ranker.exact_scores(h.double(), torch.arange(len(h)), targets)
     monkeypatch.setattr(exact_bf16, "ROW_BLOCK", 16)  # 4 blocks, the last one short
-    per_thread = ranker._certified_above(h, c, targets, per_thread=True)
-    assert torch.equal(per_thread, ranker._certified_above(h, c, targets, per_thread=False))  # what a GPU runs
     truth = float64_ranks(h, items, targets)
-    assert (per_thread <= truth).all() and (per_thread >= 10).all()  # a lower bound, and a useful one
+    # every item; then some items, among them the targets of half the users (left out of their counts)
+    some = torch.cat([targets[::2], torch.arange(1, len(items), 7)]).unique()
+    counts = {}
+    for name, cols in (("all", None), ("some", some)):
+        counts[name] = ranker._certified_above(h, c, targets, cols, per_thread=True)
+        assert torch.equal(counts[name], ranker._certified_above(h, c, targets, cols, per_thread=False))  # a GPU's
+    assert (counts["all"] <= truth).all() and (counts["all"] >= 10).all()  # a lower bound, and a useful one
+    assert (counts["some"] <= counts["all"]).all() and (counts["some"] < counts["all"]).any()
+    s = h.double() @ items.double().T  # items scoring clearly above the target (> 1% of it), among ``some``
+    clearly = (s[:, some] > 1.01 * s.gather(1, targets[:, None])).sum(1)
+    assert (counts["some"] >= clearly).all()
