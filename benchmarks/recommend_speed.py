@@ -6,9 +6,10 @@ On the catalog's split (ingested and split first when missing, as `benchmarks.vs
 checkpoint of a short training run (``--epochs``; the timing does not depend on how well it is trained), it
 times, best of ``--repeats`` and interleaved so that other work on a shared machine hits both alike:
 
-- the evaluation pass: `cammsr.evaluate.ranking.rank_targets` over every test user as the evaluate stage runs it
-  (`model_scores`, ``evaluate.precision``; full ranking, batched and length-sorted), what `cammsr evaluate`
-  does per part and ranker;
+- the evaluation pass: `cammsr.evaluate.ranking.rank_targets` over every test user (`model_scores`,
+  ``evaluate.precision``; full ranking, batched and length-sorted) with every rank resolved, the work a top-k
+  over all items compares with (`cammsr evaluate` caps ranks at its deepest cut-off, which settles most users
+  after a cheaper first pass);
 - the same pass over the serving histories (each user's whole sequence, its last max_len items, the last item
   standing in as the target): the same encoder input as recommend, so the ratio to it compares the ranking
   work alone (serving histories are one item longer than test histories, and attention grows with length);

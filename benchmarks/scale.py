@@ -13,7 +13,8 @@ reference:
 
 Each scale runs in its own process (peak RSS is then its own): one training epoch (`train_epoch`, the
 trainer's batches, precision and dropout) and one full-ranking pass over every user's held-out test target
-(`rank_targets` on `model_scores`, evaluate's path and precision). Prints a table (time per user, per
+(`rank_targets` on `model_scores`, evaluate's precision, every rank resolved: the evaluate stage caps ranks at
+its deepest cut-off, which a catalog without signal would not make cheaper). Prints a table (time per user, per
 user-item pair, peak RSS) and one JSON line with time_per_user_ratio and rss_per_user_ratio (largest over
 smallest user count, at the reference item count) and time_per_pair_ratio_items (4x items over 1x, at the
 smallest user count). A ratio of 1 is linear growth. The catalogs carry no signal: timing only.
