@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import cammsr.model.cammsr as model_mod
-from benchmarks.vs_recbole import BENCH
+from benchmarks.vs_recbole import scratch_params_path
 from cammsr.core.config import load_params
 from cammsr.core.device import resolve_precision
 from cammsr.core.malloc import tune_glibc_malloc
@@ -71,7 +71,7 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    p = load_params(args.params or BENCH / f"params-{args.catalog}.yaml")
+    p = load_params(args.params or scratch_params_path(args.catalog))
     paths = CatalogPaths.of(args.catalog, p.project.data_dir)
     split = load_splits(paths.splits_dir)
     train = p.train.model_copy(update={"model": args.model})

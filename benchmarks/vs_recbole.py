@@ -95,6 +95,13 @@ def prepare(catalog: str, params_path: Path) -> CatalogPaths:
 
 
 SYNTHETIC_DIMS = {"text": 384, "image": 512}  # all-MiniLM-L6-v2 and CLIP ViT-B-32 widths
+SYNTHETIC_SUFFIX = "-synthetic-features"
+
+
+def scratch_params_path(catalog: str) -> Path:
+    """The scratch params file for ``catalog``: ``data/bench/params-<catalog>.yaml``; for a
+    ``<catalog>-synthetic-features`` twin (`synthetic_feature_catalog`), its base catalog's, whose data_dir holds it."""
+    return BENCH / f"params-{catalog.removesuffix(SYNTHETIC_SUFFIX)}.yaml"
 
 
 def synthetic_feature_catalog(catalog: str, paths: CatalogPaths, seed: int = 0) -> str:
@@ -103,7 +110,7 @@ def synthetic_feature_catalog(catalog: str, paths: CatalogPaths, seed: int = 0) 
     modalities on a catalog that has no text or images. Timing only: the vectors carry no signal.
     """
 
-    name = f"{catalog}-synthetic-features"
+    name = f"{catalog}{SYNTHETIC_SUFFIX}"
     twin = CatalogPaths.of(name, paths.root.parent)
     twin.root.mkdir(parents=True, exist_ok=True)
     if not twin.splits_dir.exists():
@@ -197,7 +204,7 @@ def main() -> None:
         args.epochs, args.seeds = 1, "0"
     if not args.recbole_python.exists():
         raise SystemExit(f"{args.recbole_python}: no RecBole venv; run `bash benchmarks/setup_recbole.sh` first")
-    args.params = args.params or scratch_params(BENCH / f"params-{args.catalog}.yaml", args.catalog)
+    args.params = args.params or scratch_params(scratch_params_path(args.catalog), args.catalog)
     seeds = [int(s) for s in args.seeds.split(",")]
 
     paths = prepare(args.catalog, args.params)

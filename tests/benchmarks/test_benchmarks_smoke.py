@@ -93,6 +93,14 @@ def test_synthetic_feature_twin_shares_the_split_and_gives_cammsr_three_modaliti
     assert all(bool(model.frozen[m].present[1:].all()) for m in ("text", "image"))
 
 
+def test_the_synthetic_twin_reads_its_base_catalogs_scratch_params():
+    from benchmarks.vs_recbole import BENCH, scratch_params_path
+
+    assert scratch_params_path("toys") == BENCH / "params-toys.yaml"
+    assert scratch_params_path("toys-synthetic-features") == BENCH / "params-toys.yaml"
+    assert scratch_params_path("features-of-toys") == BENCH / "params-features-of-toys.yaml"
+
+
 def test_machine_names_the_cpu_its_cores_and_bf16_units(tmp_path):
     from benchmarks import machine
 
