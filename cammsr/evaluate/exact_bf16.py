@@ -198,14 +198,12 @@ class ExactBF16Ranker:
             step = max(rows_per_block, 2**28 // max(table_t.shape[1], 1))
             counts = []
             for s in range(0, len(lhs), step):
-                out = lhs[s : s + step] @ table_t  # [b, N+1 or K]
-                _leave_out(out, cols[s : s + step], padding=items is None)
+                out = _scored(lhs[s : s + step], table_t, cols[s : s + step], padding=items is None)  # [b, N+1 or K]
                 counts.append((out.view(torch.int16) > tau[s : s + step, None]).sum(dim=1))
             return torch.cat(counts) if counts else targets.new_zeros(0)
 
         def block(rows: slice) -> np.ndarray:
-            out = lhs[rows] @ table_t  # [b, N+1 or K]
-            _leave_out(out, cols[rows], padding=items is None)
+            out = _scored(lhs[rows], table_t, cols[rows], padding=items is None)  # [b, N+1 or K]
             return _count_above(out.view(torch.int16).numpy(), tau[rows].numpy()[:, None])
 
         parts = _over_row_blocks(block, len(lhs), rows_per_block, torch_threads=1)
@@ -220,8 +218,7 @@ class ExactBF16Ranker:
             parts = []
             step = max(ROW_BLOCK, 2**28 // self.table.shape[0])
             for s in range(0, len(lhs), step):
-                out = lhs[s : s + step] @ self.table.T  # [b, N+1]
-                _leave_out(out, targets[s : s + step])
+                out = _scored(lhs[s : s + step], self.table.T, targets[s : s + step])  # [b, N+1]
                 above, r, i = classify(out, tau[s : s + step])
                 parts.append((above, r + s, i))
             if not parts:
@@ -229,8 +226,7 @@ class ExactBF16Ranker:
             return tuple(torch.cat(k) for k in zip(*parts, strict=True))
 
         def block(rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            out = lhs[rows] @ self.table_t  # [b, N+1]
-            _leave_out(out, targets[rows])
+            out = _scored(lhs[rows], self.table_t, targets[rows])  # [b, N+1]
             above, r, i = _classify_rows(out.view(torch.int16).numpy(), tau[rows].numpy()[:, None])
             return above, r + rows.start, i
 
@@ -326,15 +322,18 @@ def _classify_rows(o16: np.ndarray, t16: np.ndarray) -> tuple[np.ndarray, np.nda
     return above, (pos // width).astype(np.int64), (pos % width).astype(np.int64)
 
 
-def _leave_out(out: torch.Tensor, targets: torch.Tensor, padding: bool = True) -> None:
-    """Scores ~ s_i - c [b, N+1] (or [b, K] of some items): the padding column (``padding``: column 0) and each
-    row's own target (its column in ``targets`` [b], -1 = none among the columns) set to -inf (never counted)."""
+def _scored(lhs: torch.Tensor, table_t: torch.Tensor, targets: torch.Tensor, padding: bool = True) -> torch.Tensor:
+    """``lhs @ table_t`` (scores ~ s_i - c, [b, N+1], or [b, K] of some items) with the padding column
+    (``padding``: column 0) and each row's own target (its column in ``targets`` [b], -1 = none among the
+    columns) set to -inf (never counted)."""
+    out = lhs @ table_t
     if padding:
         out[:, 0] = float("-inf")
     rows = torch.arange(len(out), device=out.device)
     if bool((targets < 0).any()):
         rows, targets = rows[targets >= 0], targets[targets >= 0]
     out[rows, targets] = float("-inf")
+    return out
 
 
 def _over_row_blocks(fn, n: int, step: int, torch_threads: int | None = None) -> list:
