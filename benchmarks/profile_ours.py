@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile_ours --catalog toys [--params data/bench/params-toys.yaml] [--model sasrec]
         [--steps 20] [--threads 2] [--eval-users 4096] [--malloc tuned|default] [--ce chunked|dense]
+        [--set swap_cl=false ...]
 
 Prints the top operators by self CPU time for (1) ``--steps`` training steps of `cammsr.train.trainer.train_epoch`'s
 loop and (2) a full-ranking pass of `cammsr.evaluate.ranking.rank_targets` over ``--eval-users`` test users,
@@ -32,6 +33,7 @@ from cammsr.data.batches import bucketed_batches, pad_right, training_pairs
 from cammsr.data.splits import load_splits
 from cammsr.evaluate.ranking import rank_targets
 from cammsr.model.io import build_model
+from cammsr.train.experiments import train_overrides
 
 
 def train_steps(model, opt, inputs, targets, batches) -> None:
@@ -63,6 +65,8 @@ def main() -> None:
     ap.add_argument("--ce", choices=["chunked", "dense"], default="chunked")
     ap.add_argument("--ce-precision", choices=["float32", "bfloat16"], default=None,
                     help="dtype of the chunked CE's matmuls (default: as train.ce_precision resolves here)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a train param (repeatable), e.g. --set hidden_size=32")
     args = ap.parse_args()
     if args.malloc == "tuned":
         tune_glibc_malloc()
@@ -74,7 +78,7 @@ def main() -> None:
     p = load_params(args.params or scratch_params_path(args.catalog))
     paths = CatalogPaths.of(args.catalog, p.project.data_dir)
     split = load_splits(paths.splits_dir)
-    train = p.train.model_copy(update={"model": args.model})
+    train = p.train.model_copy(update={"model": args.model, **train_overrides(args.set, p.train)})
     model = build_model(train, p.splits, split, paths, seed=0)
     model.ce_dtype = resolve_precision(args.ce_precision or train.ce_precision, torch.device("cpu"), auto_on=("cpu",))
     opt = torch.optim.AdamW(model.parameters(), lr=train.lr, fused=True)  # as cammsr.train.trainer.run_train

@@ -15,7 +15,9 @@ What runs, each side in its own process (peak RSS is that process's own):
    dropout 0.5, CE over all items, max length 50, lr 1e-3, Adam(W) without weight decay;
 3. our CAMMSR for the timing epochs, on whatever feature stores the catalog has (toys: none, so ID
    only), and with ``--cammsr-synthetic-features`` also with id+text+image on random stores of the
-   real encoder widths (384, 512) beside the same split: the cost of all three modalities;
+   real encoder widths (384, 512) beside the same split: the cost of all three modalities, and the matmul
+   FLOPs per training target of that model and of our SASRec on the same first batches (`benchmarks.flops`):
+   the floor under the epoch ratio;
 4. RecBole's valid and test targets (and test histories) checked against our split.
 
 Counting: RecBole trains one augmented prefix per target (``train_targets`` = its training rows);
@@ -162,6 +164,16 @@ def run_ours(args, model: str, seed: int, epochs: int, batch: int, out: Path, ca
     return json.loads(out.read_text())
 
 
+def run_flops(args, model: str, batch: int, out: Path, catalog: str | None = None) -> dict:
+    """`benchmarks.flops` for ``model`` on the first training batches of this benchmark's batching."""
+    if not out.exists() or args.rerun:
+        cmd = [sys.executable, "-m", "benchmarks.flops", "--catalog", catalog or args.catalog,
+               "--params", str(args.params), "--model", model, "--threads", str(args.threads),
+               "--batch-size", str(batch), "--batch-targets", str(args.batch_targets), "--out", str(out)]
+        _run(cmd, thread_env(args.threads), f"matmul FLOPs of our {model}")
+    return json.loads(out.read_text())
+
+
 def epoch_stats(run: dict, targets: int) -> dict:
     """Median and best (min) wall/CPU seconds of a run's training epochs and validation passes.
 
@@ -224,6 +236,12 @@ def main() -> None:
         twin = synthetic_feature_catalog(args.catalog, paths)
         cammsr_mm = run_ours(args, "cammsr", seeds[0], min(args.epochs, 2), batch,
                              out / f"cammsr-synthetic-s{seeds[0]}-e{min(args.epochs, 2)}-{bt}.json", twin)
+    # the same first batches for both: the matmul arithmetic of CAMMSR with text + image over SASRec's
+    flop_ratio = None
+    if cammsr_mm:
+        f_sasrec = run_flops(args, "sasrec", batch, out / f"flops-sasrec-{bt}.json")
+        f_mm = run_flops(args, "cammsr", batch, out / f"flops-cammsr-synthetic-{bt}.json", twin)
+        flop_ratio = f_mm["flops_per_target"] / f_sasrec["flops_per_target"]
     rb = {s: run_recbole(args, paths, s, args.epochs, out / f"recbole-s{s}-{tag}.json") for s in seeds}
 
     r0, o0 = rb[seeds[0]], ours[seeds[0]]
@@ -276,6 +294,8 @@ def main() -> None:
                      f"modalities {'+'.join(cammsr_mm['modalities'])}",
                      f"{cms['epoch_best_s']:.1f} / {cms['epoch_best_s'] / os_['epoch_best_s']:.2f}x"))
         rows.append(("CAMMSR, synthetic text+image, peak RSS MB", "", f"{cammsr_mm['peak_rss_mb']:.0f}"))
+        rows.append(("CAMMSR, synthetic text+image, matmul FLOPs ÷ SASRec's", "same batches",
+                     f"{flop_ratio:.2f}x"))
     width = max(len(r[0]) for r in rows)
     print(f"\n{args.catalog}: {split.num_items} items, {len(split.sequences)} users; {args.threads} threads, CPU; "
           f"RecBole {r0['torch']} with anomaly detection {'ON' if r0['anomaly_detection'] else 'off'} "
@@ -306,6 +326,8 @@ def main() -> None:
         "cammsr_synthetic_mm_over_sasrec_epoch": round(cms["epoch_best_s"] / os_["epoch_best_s"], 2) if cms else None,
         # CAMMSR with id + text + image at the real widths (384, 512) over our SASRec's epoch
         "cammsr_mm_over_sasrec_epoch": round(cms["epoch_best_s"] / os_["epoch_best_s"], 2) if cms else None,
+        # the same two models' matmul FLOPs per training target (benchmarks.flops): the epoch ratio's floor
+        "cammsr_mm_flop_ratio": round(flop_ratio, 2) if flop_ratio else None,
         "peak_rss_ratio": round(o0["peak_rss_mb"] / r0["peak_rss_mb"], 3),  # ours / RecBole, SASRec both sides
         "epoch_best_s_recbole": round(rs["epoch_best_s"], 2), "epoch_best_s_ours": round(os_["epoch_best_s"], 2),
         "epoch_median_s_recbole": round(rs["epoch_s"], 2), "epoch_median_s_ours": round(os_["epoch_s"], 2),

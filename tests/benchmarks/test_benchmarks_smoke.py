@@ -3,6 +3,7 @@
 import gzip
 import json
 
+import torch
 import yaml
 
 from benchmarks.ingest import ingest_once, write_catalog
@@ -111,3 +112,68 @@ def test_machine_names_the_cpu_its_cores_and_bf16_units(tmp_path):
     d = machine.describe()
     assert set(d) == {"cpu", "logical_cores", "bf16_units", "torch", "cuda"}
     assert d["bf16_units"] in {"amx", "avx512_bf16", "none"} and d["logical_cores"] >= 1
+
+
+class _OneLinear(torch.nn.Module):
+    """A training loss with one matmul forward and one backward (the weight's; the input needs no gradient)."""
+
+    def __init__(self, length: int, out: int) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(length, out)
+
+    def forward(self, seq, targets, normalizer):
+        return self.lin(seq.float()).sum(), {}
+
+
+def test_training_flops_count_forward_and_backward_matmuls_of_every_batch():
+    from benchmarks.flops import training_flops
+
+    model = _OneLinear(5, 3)
+    batches = [(torch.ones(4, 5, dtype=torch.long), torch.tensor([[1, 2, 0, 0, 0]] * 4)),
+               (torch.ones(2, 5, dtype=torch.long), torch.tensor([[1, 1, 1, 1, 1], [0, 0, 0, 0, 0]]))]
+    got = training_flops(model, batches)
+    # forward x [B, 5] @ W.T [5, 3]: 2*B*5*3; backward dW = dy.T [3, B] @ x [B, 5]: the same again
+    assert got["by_op"] == {"addmm": 2 * 6 * 5 * 3, "mm": 2 * 6 * 5 * 3}
+    assert got["flops"] == 4 * 6 * 5 * 3 and got["steps"] == 2 and got["targets"] == 8 + 5
+    assert model.lin.weight.grad is None  # gradients left cleared: nothing accumulates into a later step
+
+
+def test_flops_cli_counts_models_and_switches_on_the_same_batches(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from benchmarks import flops
+    from benchmarks.vs_recbole import synthetic_feature_catalog
+    from cammsr.core.config import SplitParams
+    from cammsr.data.splits import run_split
+    from tests.cammsr.conftest import write_tiny_catalog
+
+    paths = write_tiny_catalog(tmp_path)
+    run_split("tiny", SplitParams(), paths)
+    twin = synthetic_feature_catalog("tiny", paths)
+    write_params(tmp_path / "params.yaml", params_dict(
+        {"tiny": {"reviews": "file:unused.json.gz", "images": False}},
+        {"project": {"data_dir": str(tmp_path / "data")},
+         "train": {"hidden_size": 16, "num_heads": 1, "ffn_size": 32}}))
+    threads = torch.get_num_threads()
+    got = {}
+    try:
+        for name, catalog, model, extra in (("sasrec", "tiny", "sasrec", []), ("cammsr", twin, "cammsr", []),
+                                            ("no_cl", twin, "cammsr", ["--set", "swap_cl=false"])):
+            out = tmp_path / f"{name}.json"
+            monkeypatch.setattr(sys, "argv", ["flops", "--catalog", catalog, "--params", str(tmp_path / "params.yaml"),
+                                              "--model", model, "--steps", "3", "--batch-size", "16",
+                                              "--batch-targets", "150", "--threads", "1", "--out", str(out), *extra])
+            flops.main()
+            got[name] = json.loads(out.read_text())
+    finally:
+        torch.set_num_threads(threads)
+    sasrec, cammsr = got["sasrec"], got["cammsr"]
+    assert sasrec["modalities"] == ["id"] and cammsr["modalities"] == ["id", "text", "image"]
+    assert sasrec["steps"] == cammsr["steps"] == 3 and sasrec["targets"] == cammsr["targets"] > 0
+    assert sasrec["flops_per_target"] == sasrec["flops"] / sasrec["targets"]
+    assert sasrec["flops"] == sum(sasrec["by_op"].values())
+    # three encoder views and a score table three modalities wide, at the same width per modality
+    assert 2 < cammsr["flops_per_target"] / sasrec["flops_per_target"] < 6
+    # without the swap views: two fewer encoder views, the same CE
+    assert got["no_cl"]["set"] == ["swap_cl=false"] and got["no_cl"]["targets"] == cammsr["targets"]
+    assert sasrec["flops"] < got["no_cl"]["flops"] < cammsr["flops"]
