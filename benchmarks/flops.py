@@ -76,8 +76,8 @@ def main() -> None:
                                        **train_overrides(args.set, p.train)})
     model = build_model(train, p.splits, split, paths, seed=0)
     model.ce_dtype = resolve_precision(train.ce_precision, torch.device("cpu"), auto_on=("cpu",))
-    inputs, targets = training_pairs(split.train_sequences(), p.splits.max_seq_len)
-    lengths = np.array([len(s) for s in inputs])
+    inputs, targets = training_pairs(split.train_sequences(), p.splits.max_seq_len, windows=train.windows)
+    lengths = np.array([int(np.count_nonzero(t)) for t in targets])  # as train_epoch: targets per sequence
     order = bucketed_batches(lengths, train.batch_size, torch.Generator().manual_seed(0), train.bucket_batches,
                              train.batch_targets)
     batches = [(pad_right([inputs[i] for i in idx]), pad_right([targets[i] for i in idx]))
