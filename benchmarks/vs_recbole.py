@@ -142,36 +142,37 @@ def thread_env(threads: int, extra: dict[str, str] | None = None) -> dict[str, s
     return env
 
 
-def run_recbole(args, paths: CatalogPaths, seed: int, epochs: int, out: Path) -> dict:
+def _cached(args, out: Path, cmd: list[str], env: dict[str, str], what: str) -> dict:
+    """The JSON result at ``out``, running ``cmd`` (which writes it) first when it is missing or ``--rerun``."""
     if not out.exists() or args.rerun:
-        cmd = [str(args.recbole_python), str(REPO / "benchmarks" / "recbole_run.py"),
-               "--data-path", str(export_dir(paths)), "--dataset", args.catalog, "--epochs", str(epochs),
-               "--patience", str(args.patience), "--seed", str(seed), "--threads", str(args.threads),
-               "--work-dir", str(out.parent / "recbole-work"), "--out", str(out)]
-        _run(cmd, thread_env(args.threads, MALLOC_FIX), f"RecBole SASRec seed {seed}")
+        _run(cmd, env, what)
     return json.loads(out.read_text())
+
+
+def run_recbole(args, paths: CatalogPaths, seed: int, epochs: int, out: Path) -> dict:
+    cmd = [str(args.recbole_python), str(REPO / "benchmarks" / "recbole_run.py"),
+           "--data-path", str(export_dir(paths)), "--dataset", args.catalog, "--epochs", str(epochs),
+           "--patience", str(args.patience), "--seed", str(seed), "--threads", str(args.threads),
+           "--work-dir", str(out.parent / "recbole-work"), "--out", str(out)]
+    return _cached(args, out, cmd, thread_env(args.threads, MALLOC_FIX), f"RecBole SASRec seed {seed}")
 
 
 def run_ours(args, model: str, seed: int, epochs: int, batch: int, out: Path, catalog: str | None = None) -> dict:
-    if not out.exists() or args.rerun:
-        cmd = [sys.executable, "-m", "benchmarks.ours_run", "--catalog", catalog or args.catalog,
-               "--params", str(args.params),
-               "--model", model, "--epochs", str(epochs), "--patience", str(args.patience), "--seed", str(seed),
-               "--threads", str(args.threads), "--batch-size", str(batch), "--batch-targets", str(args.batch_targets),
-               "--run-dir", str(out.with_suffix("")),
-               "--out", str(out)]
-        _run(cmd, thread_env(args.threads), f"our {model} seed {seed}")
-    return json.loads(out.read_text())
+    cmd = [sys.executable, "-m", "benchmarks.ours_run", "--catalog", catalog or args.catalog,
+           "--params", str(args.params),
+           "--model", model, "--epochs", str(epochs), "--patience", str(args.patience), "--seed", str(seed),
+           "--threads", str(args.threads), "--batch-size", str(batch), "--batch-targets", str(args.batch_targets),
+           "--run-dir", str(out.with_suffix("")),
+           "--out", str(out)]
+    return _cached(args, out, cmd, thread_env(args.threads), f"our {model} seed {seed}")
 
 
 def run_flops(args, model: str, batch: int, out: Path, catalog: str | None = None) -> dict:
     """`benchmarks.flops` for ``model`` on the first training batches of this benchmark's batching."""
-    if not out.exists() or args.rerun:
-        cmd = [sys.executable, "-m", "benchmarks.flops", "--catalog", catalog or args.catalog,
-               "--params", str(args.params), "--model", model, "--threads", str(args.threads),
-               "--batch-size", str(batch), "--batch-targets", str(args.batch_targets), "--out", str(out)]
-        _run(cmd, thread_env(args.threads), f"matmul FLOPs of our {model}")
-    return json.loads(out.read_text())
+    cmd = [sys.executable, "-m", "benchmarks.flops", "--catalog", catalog or args.catalog,
+           "--params", str(args.params), "--model", model, "--threads", str(args.threads),
+           "--batch-size", str(batch), "--batch-targets", str(args.batch_targets), "--out", str(out)]
+    return _cached(args, out, cmd, thread_env(args.threads), f"matmul FLOPs of our {model}")
 
 
 def epoch_stats(run: dict, targets: int) -> dict:
